@@ -1,0 +1,40 @@
+# care-jax: `make demo` sets up and runs the quickstart end to end; `make test` the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-core.txt requirements-lock.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -c requirements-lock.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+# The embedded default data: Debian's Fashion-MNIST IDX files. Skipped (with a
+# note) where there is no apt-get; the loader then says how to provide the data.
+data:
+	@if [ -f $(FMNIST) ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	else echo "note: no apt-get; Fashion-MNIST tests will be skipped"; fi
+
+test: $(STAMP) data
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP) data
+	$(PY) -m experiments.bench_losses --quick
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) -m experiments.bench_losses
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,314 @@
+"""CARE's loss kernels as pure functions of embedding matrices.
+
+Every kernel takes rows [B, D] (one embedding per row) of any float dtype and
+computes in float32 (float64 stays float64), so bfloat16 activations lose
+nothing in the reduction. Nothing here normalises: the encoder's head puts the
+rows on the unit sphere, and the kernels are also used off it (hyperboloid,
+symplectic forms).
+
+  info_nce = alignment + uniformity            (SimCLR NT-Xent over 2B anchors)
+  equivariance_loss                             (CARE's L_equi, one shared
+                                                 augmentation pair per chunk)
+  care_loss = info_nce + weight * equivariance_loss
+  wang_isola_uniformity, moco_info_nce          (ablation and MoCo-v2 variant)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Form = Union[None, str, jax.Array, np.ndarray]
+
+# Above this many rows (2B) the InfoNCE similarity matrix is processed in row
+# blocks and recomputed in the backward pass instead of being stored: 8192 rows
+# is a 256 MiB float32 matrix; B = 16384 would otherwise need ~12 GiB.
+_MAX_MATERIALISED_ROWS = 8192
+_BLOCK_ROWS = 2048
+
+
+def _compute_dtype(x) -> jnp.dtype:
+  return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
+
+
+def _check_rows(name: str, x) -> None:
+  if jnp.ndim(x) != 2:
+    raise ValueError(f"{name} must be a [B, D] matrix of row embeddings, got shape {jnp.shape(x)}")
+
+
+def _check_pair(fn: str, z1, z2, names=("z1", "z2")) -> None:
+  _check_rows(f"{fn}: {names[0]}", z1)
+  _check_rows(f"{fn}: {names[1]}", z2)
+  if jnp.shape(z1) != jnp.shape(z2):
+    raise ValueError(f"{fn}: {names[0]} and {names[1]} must have the same shape, "
+                     f"got {jnp.shape(z1)} and {jnp.shape(z2)}")
+
+
+def _check_temperature(fn: str, temperature) -> float:
+  t = float(temperature)
+  if not t > 0:
+    raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
+  return t
+
+
+# --------------------------------------------------------------------------
+# InfoNCE / NT-Xent
+# --------------------------------------------------------------------------
+#
+# With z = [z1; z2] (N = 2B rows) and S = z z^T / tau, every anchor i has the
+# positive p(i) = i +- B and the other 2B - 2 rows as negatives:
+#   info_nce   = mean_i [ lse_{j != i} S_ij - S_{i p(i)} ]
+#   alignment  = mean_i [ -S_{i p(i)} ]
+#   uniformity = mean_i [ lse_{j != i} S_ij ]
+# The uniformity term carries all the O(N^2 D) work, so it has a hand-written
+# VJP: d/dz = (P + P^T) z / (N tau) with P the row softmax of S (diagonal 0).
+# S is symmetric, so P^T_ij = exp(S_ij - lse_j): one elementwise pass and ONE
+# [N, N] x [N, D] product, where autodiff of z @ z.T would spend two.
+
+
+def _masked_similarity(z_rows, z_all, row_offset, inv_t):
+  """S[rows, :] with the self-similarity of each row set to -inf."""
+  s = (z_rows @ z_all.T) * inv_t
+  rows = row_offset + jnp.arange(z_rows.shape[0])[:, None]
+  cols = jnp.arange(z_all.shape[0])[None, :]
+  return jnp.where(rows == cols, -jnp.inf, s)
+
+
+def _row_blocks(n: int) -> int:
+  """Rows per block: all of them when small, else a divisor of n near _BLOCK_ROWS."""
+  if n <= _MAX_MATERIALISED_ROWS:
+    return n
+  for size in range(_BLOCK_ROWS, 127, -1):
+    if n % size == 0:
+      return size
+  return n  # No usable divisor: fall back to the materialised path.
+
+
+def _blockwise(fn, z, block):
+  """Applies fn(z_block, row_offset) over row blocks of z and concatenates."""
+  n = z.shape[0]
+  if block == n:
+    return fn(z, 0)
+  starts = jnp.arange(0, n, block)
+  out = jax.lax.map(lambda s: fn(jax.lax.dynamic_slice_in_dim(z, s, block), s), starts)
+  return out.reshape((n,) + out.shape[2:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _mean_negative_logsumexp(z, temperature):
+  return _mean_negative_logsumexp_fwd(z, temperature)[0]
+
+
+def _mean_negative_logsumexp_fwd(z, temperature):
+  inv_t = 1.0 / temperature
+  block = _row_blocks(z.shape[0])
+  if block == z.shape[0]:
+    s = _masked_similarity(z, z, 0, inv_t)
+    lse = jax.nn.logsumexp(s, axis=1)
+    return jnp.mean(lse), (z, lse, s)
+  lse = _blockwise(
+      lambda zb, off: jax.nn.logsumexp(_masked_similarity(zb, z, off, inv_t), axis=1), z, block)
+  return jnp.mean(lse), (z, lse, None)
+
+
+def _mean_negative_logsumexp_bwd(temperature, residuals, g):
+  z, lse, s = residuals
+  inv_t = 1.0 / temperature
+  n = z.shape[0]
+
+  def sym_softmax_times_z(s_rows, lse_rows):
+    p_plus_pt = jnp.exp(s_rows - lse_rows[:, None]) + jnp.exp(s_rows - lse[None, :])
+    return p_plus_pt @ z
+
+  if s is not None:
+    grad = sym_softmax_times_z(s, lse)
+  else:
+    block = _row_blocks(n)
+
+    def one_block(zb, off):
+      lse_b = jax.lax.dynamic_slice_in_dim(lse, off, zb.shape[0])
+      return sym_softmax_times_z(_masked_similarity(zb, z, off, inv_t), lse_b)
+
+    grad = _blockwise(one_block, z, block)
+  return (grad * (g * inv_t / n),)
+
+
+_mean_negative_logsumexp.defvjp(_mean_negative_logsumexp_fwd, _mean_negative_logsumexp_bwd)
+
+
+def alignment(z1, z2, temperature) -> jax.Array:
+  """Invariance part of NT-Xent: mean over the B positive pairs of -z1_i.z2_i / tau."""
+  _check_pair("alignment", z1, z2)
+  t = _check_temperature("alignment", temperature)
+  dt = _compute_dtype(z1)
+  return -jnp.mean(jnp.sum(z1.astype(dt) * z2.astype(dt), axis=-1)) / t
+
+
+def uniformity(z1, z2, temperature) -> jax.Array:
+  """Negatives part of NT-Xent: mean over 2B anchors of logsumexp_{j != i} z_i.z_j / tau."""
+  _check_pair("uniformity", z1, z2)
+  t = _check_temperature("uniformity", temperature)
+  dt = _compute_dtype(z1)
+  z = jnp.concatenate([z1, z2], axis=0).astype(dt)
+  return _mean_negative_logsumexp(z, t)
+
+
+def info_nce(z1, z2, temperature) -> jax.Array:
+  """SimCLR's NT-Xent loss: 2B anchors, positive = the other view, 2B - 2 negatives.
+
+  Equals alignment(z1, z2, t) + uniformity(z1, z2, t) exactly (it is computed as
+  that sum), in the logsumexp form.
+  """
+  return alignment(z1, z2, temperature) + uniformity(z1, z2, temperature)
+
+
+def wang_isola_uniformity(z, temperature: float = 1.0) -> jax.Array:
+  """The paper's L_unif: log mean_{i != j} exp(z_i . z_j / tau) over the rows of z."""
+  _check_rows("wang_isola_uniformity: z", z)
+  t = _check_temperature("wang_isola_uniformity", temperature)
+  n = z.shape[0]
+  if n < 2:
+    raise ValueError(f"wang_isola_uniformity: z needs at least 2 rows, got {n}")
+  # mean_i lse_{j != i} S_ij is not lse over all pairs, so use the plain form:
+  # logsumexp over all off-diagonal entries minus log of their count.
+  z = z.astype(_compute_dtype(z))
+  s = _masked_similarity(z, z, 0, 1.0 / t)
+  return jax.nn.logsumexp(s) - jnp.log(float(n * (n - 1)))
+
+
+def moco_info_nce(q, k, queue, temperature) -> jax.Array:
+  """MoCo-v2 InfoNCE: positive q_i.k_i, negatives q_i.queue_j; keys and queue get no gradient."""
+  _check_pair("moco_info_nce", q, k, names=("q", "k"))
+  _check_rows("moco_info_nce: queue", queue)
+  if queue.shape[1] != q.shape[1]:
+    raise ValueError(f"moco_info_nce: queue rows must have D={q.shape[1]} like q, got queue shape {queue.shape}")
+  t = _check_temperature("moco_info_nce", temperature)
+  dt = _compute_dtype(q)
+  q = q.astype(dt)
+  k = jax.lax.stop_gradient(k).astype(dt)
+  queue = jax.lax.stop_gradient(queue).astype(dt)
+  pos = jnp.sum(q * k, axis=-1, keepdims=True) / t
+  neg = (q @ queue.T) / t
+  return jnp.mean(jax.nn.logsumexp(jnp.concatenate([pos, neg], axis=1), axis=1) - pos[:, 0])
+
+
+# --------------------------------------------------------------------------
+# Equivariance loss
+# --------------------------------------------------------------------------
+
+def bilinear_form(form: Form, dim: int, dtype=jnp.float32) -> Optional[jax.Array]:
+  """The matrix J of <x, y>_J = x^T J y; None stands for the dot product.
+
+  form: None / 'dot' (rotations, SO(d)), 'minkowski' (J = diag(-1, 1, ..., 1),
+  the Lorentz group), 'symplectic' (J = [[0, I], [-I, 0]], even dim), or a
+  [dim, dim] matrix.
+  """
+  if form is None or (isinstance(form, str) and form in ("dot", "euclidean")):
+    return None
+  if isinstance(form, str):
+    if form == "minkowski":
+      return jnp.diag(jnp.ones((dim,), dtype).at[0].set(-1))
+    if form == "symplectic":
+      if dim % 2:
+        raise ValueError(f"bilinear_form: 'symplectic' needs an even dimension, got D={dim}")
+      h = dim // 2
+      eye = jnp.eye(h, dtype=dtype)
+      zero = jnp.zeros((h, h), dtype)
+      return jnp.block([[zero, eye], [-eye, zero]])
+    raise ValueError(f"bilinear_form: unknown form {form!r}; use None, 'dot', 'minkowski', "
+                     "'symplectic' or a [D, D] matrix")
+  j = jnp.asarray(form, dtype)
+  if j.shape != (dim, dim):
+    raise ValueError(f"bilinear_form: form matrix must be [D, D] = [{dim}, {dim}], got {j.shape}")
+  return j
+
+
+def _offdiag_sq_gram_diff_direct(a, b, j):
+  """sum_{i != j} (G1 - G2)_ij^2 per chunk, forming the n x n Gram matrices: O(n^2 D)."""
+  aj = a if j is None else a @ j
+  bj = b if j is None else b @ j
+  diff = jnp.einsum("knd,kmd->knm", aj, a) - jnp.einsum("knd,kmd->knm", bj, b)
+  n = a.shape[1]
+  diff = jnp.where(jnp.eye(n, dtype=bool), 0.0, diff)
+  return jnp.sum(diff * diff, axis=(1, 2))
+
+
+def _offdiag_sq_gram_diff_covariance(a, b, j):
+  """The same through D x D matrices: O(n D^2), for chunks larger than D.
+
+  ||A J A^T - B J B^T||_F^2 = <J^T Ca J, Ca> + <J^T Cb J, Cb> - 2 <J^T Cab J, Cab>
+  with Ca = A^T A, Cb = B^T B, Cab = A^T B; then the diagonal's share,
+  sum_i (a_i^T J a_i - b_i^T J b_i)^2, is taken off.
+  """
+  ca = jnp.einsum("knd,kne->kde", a, a)
+  cb = jnp.einsum("knd,kne->kde", b, b)
+  cab = jnp.einsum("knd,kne->kde", a, b)
+  if j is None:
+    sandwich = lambda c: c
+    aj, bj = a, b
+  else:
+    sandwich = lambda c: jnp.einsum("dk,bde,el->bkl", j, c, j)
+    aj, bj = a @ j, b @ j
+  total = (jnp.sum(sandwich(ca) * ca, axis=(1, 2)) + jnp.sum(sandwich(cb) * cb, axis=(1, 2))
+           - 2.0 * jnp.sum(sandwich(cab) * cab, axis=(1, 2)))
+  diag = jnp.sum(aj * a, axis=-1) - jnp.sum(bj * b, axis=-1)
+  return total - jnp.sum(diag * diag, axis=-1)
+
+
+def equivariance_loss(z1, z2, num_chunks: int, form: Form = None) -> jax.Array:
+  """CARE's L_equi: how far one augmentation pair is from preserving all inner products.
+
+  The batch holds num_chunks chunks of n = B / num_chunks rows (chunk k = rows
+  [k n, (k+1) n)); within a chunk every image of z1 saw one augmentation and
+  every image of z2 another. Per chunk, with G = Z J Z^T,
+      2/n * sum_{i != j} (G1_ij - G2_ij)^2,
+  averaged over chunks. A pair related by one map R with R^T J R = J (a
+  rotation for the dot product) scores exactly 0. Chunks larger than D use the
+  O(n D^2) covariance identity; both paths agree within float tolerance.
+  """
+  _check_pair("equivariance_loss", z1, z2)
+  b, d = z1.shape
+  num_chunks = int(num_chunks)
+  if num_chunks < 1 or b % num_chunks:
+    raise ValueError(f"equivariance_loss: batch size B={b} is not divisible by num_chunks={num_chunks}; "
+                     "choose num_chunks dividing B")
+  n = b // num_chunks
+  if n < 2:
+    raise ValueError(f"equivariance_loss: chunk size n=B/num_chunks={b}/{num_chunks}={n} is below 2; "
+                     "use fewer chunks")
+  dt = _compute_dtype(z1)
+  j = bilinear_form(form, d, dt)
+  a = z1.astype(dt).reshape(num_chunks, n, d)
+  c = z2.astype(dt).reshape(num_chunks, n, d)
+  kernel = _offdiag_sq_gram_diff_covariance if n > d else _offdiag_sq_gram_diff_direct
+  return jnp.mean(kernel(a, c, j)) * (2.0 / n)
+
+
+# --------------------------------------------------------------------------
+# CARE
+# --------------------------------------------------------------------------
+
+def care_loss(z1, z2, e1=None, e2=None, *, temperature: float, equiv_weight: float,
+              num_chunks: int = 1, form: Form = None):
+  """L_CARE = InfoNCE(z1, z2) + equiv_weight * equivariance_loss(e1, e2).
+
+  z1, z2: the per-image views; e1, e2: the chunk-shared views. With
+  equiv_weight == 0 (SimCLR) e1/e2 may be None and the term is not computed.
+  Returns (total, terms) with terms = dict(info_nce, alignment, uniformity,
+  equivariance), all float32 scalars, for logging.
+  """
+  align = alignment(z1, z2, temperature)
+  unif = uniformity(z1, z2, temperature)
+  if e1 is None or e2 is None:
+    if equiv_weight:
+      raise ValueError("care_loss: equiv_weight is non-zero but e1/e2 were not given")
+    equi = jnp.zeros((), align.dtype)
+  else:
+    equi = equivariance_loss(e1, e2, num_chunks, form)
+  nce = align + unif
+  total = nce + equiv_weight * equi
+  return total, dict(info_nce=nce, alignment=align, uniformity=unif, equivariance=equi)
