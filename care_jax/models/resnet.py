@@ -1,0 +1,163 @@
+"""ResNet-18/34/50 in flax.linen with torchvision's layout, and CARE's model.
+
+torchvision layout: convolutions without bias, explicit symmetric padding
+(so stride-2 convolutions see the same pixels as PyTorch's, unlike 'SAME'),
+basic blocks for 18/34, bottlenecks with the stride on the 3x3 conv for 50,
+1x1 projection shortcuts where the shape changes, and no fc layer: the
+backbone returns globally average-pooled features [B, F]. BatchNorm uses
+PyTorch's defaults (momentum 0.1, i.e. flax momentum 0.9; eps 1e-5).
+
+Stems: 'cifar' (3x3 stride-1 conv, no max-pool: the reference release's
+CIFAR/STL model) and 'imagenet' (7x7 stride-2 conv + 3x3 stride-2 max-pool).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+STAGE_SIZES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
+STEMS = ("cifar", "imagenet")
+_BASE_WIDTHS = (64, 128, 256, 512)
+
+
+def _norm(train: bool, dtype, name=None):
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _conv(features, kernel, strides=1, dtype=jnp.float32, name=None):
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+                 param_dtype=jnp.float32, name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs; expansion 1."""
+  filters: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = _conv(self.filters, 3, self.strides, self.dtype)(x)
+    y = nn.relu(_norm(train, self.dtype)(y))
+    y = _conv(self.filters, 3, 1, self.dtype)(y)
+    y = _norm(train, self.dtype)(y)
+    if self.strides != 1 or x.shape[-1] != self.filters:
+      x = _conv(self.filters, 1, self.strides, self.dtype, name="proj_conv")(x)
+      x = _norm(train, self.dtype, name="proj_bn")(x)
+    return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (stride here, as torchvision 'v1.5') -> 1x1 x4; expansion 4."""
+  filters: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    out = self.filters * self.expansion
+    y = nn.relu(_norm(train, self.dtype)(_conv(self.filters, 1, 1, self.dtype)(x)))
+    y = nn.relu(_norm(train, self.dtype)(_conv(self.filters, 3, self.strides, self.dtype)(y)))
+    y = _norm(train, self.dtype)(_conv(out, 1, 1, self.dtype)(y))
+    if self.strides != 1 or x.shape[-1] != out:
+      x = _conv(out, 1, self.strides, self.dtype, name="proj_conv")(x)
+      x = _norm(train, self.dtype, name="proj_bn")(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """Backbone: images [B, H, W, C] -> pooled features [B, F] (float32)."""
+  stage_sizes: Sequence[int]
+  block_cls: Any
+  widths: Sequence[int]
+  stem: str = "cifar"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = jnp.asarray(images, self.dtype)
+    if self.stem == "cifar":
+      x = _conv(self.widths[0], 3, 1, self.dtype, name="stem_conv")(x)
+    else:
+      x = _conv(self.widths[0], 7, 2, self.dtype, name="stem_conv")(x)
+    x = nn.relu(_norm(train, self.dtype, name="stem_bn")(x))
+    if self.stem == "imagenet":
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for i in range(blocks):
+        strides = 2 if stage > 0 and i == 0 else 1
+        x = self.block_cls(width, strides, self.dtype)(x, train)
+    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+
+
+class ProjectionHead(nn.Module):
+  """Linear(no bias) -> BatchNorm -> ReLU -> Linear(out_dim), as the release."""
+  hidden_dim: int = 512
+  out_dim: int = 128
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Dense(self.hidden_dim, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    x = nn.relu(_norm(train, self.dtype)(x))
+    return nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32)(x).astype(jnp.float32)
+
+
+def l2_normalize(x, eps: float = 1e-12):
+  x = x.astype(jnp.float32)
+  return x * jnp.reciprocal(jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps))
+
+
+class ContrastiveModel(nn.Module):
+  """Encoder f = normalize(head(backbone(x))): returns (features, projections)."""
+  backbone: nn.Module
+  head: nn.Module
+
+  def __call__(self, images, train: bool = False):
+    features = self.backbone(images, train)
+    return features, l2_normalize(self.head(features, train))
+
+
+def _scaled_widths(width: float):
+  try:
+    w = float(width)
+  except (TypeError, ValueError):
+    w = float("nan")
+  if not w > 0 or round(_BASE_WIDTHS[0] * w) < 1:
+    raise ValueError(f"model width must be a number > 0 giving at least 1 channel "
+                     f"(e.g. 0.125, 0.25, 0.5, 1.0, 2.0), got {width!r}")
+  return tuple(max(1, int(round(c * w))) for c in _BASE_WIDTHS)
+
+
+def build_encoder(name: str, stem: str = "cifar", width: float = 1.0, dtype=jnp.float32) -> ResNet:
+  """The backbone: module.apply(variables, images, train=bool) -> features [B, F]."""
+  if name not in STAGE_SIZES:
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(STAGE_SIZES))}")
+  if stem not in STEMS:
+    raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+  block = Bottleneck if name == "resnet50" else BasicBlock
+  return ResNet(STAGE_SIZES[name], block, _scaled_widths(width), stem, dtype)
+
+
+def build_model(name: str, stem: str = "cifar", width: float = 1.0, dtype=jnp.float32,
+                proj_hidden_dim: int = 512, proj_dim: int = 128) -> ContrastiveModel:
+  """Backbone + projection head; apply(...) returns (features, unit-norm projections)."""
+  return ContrastiveModel(build_encoder(name, stem, width, dtype),
+                          ProjectionHead(proj_hidden_dim, proj_dim, dtype))
+
+
+def feature_dim(name: str, width: float = 1.0) -> int:
+  expansion = 4 if name == "resnet50" else 1
+  return _scaled_widths(width)[-1] * expansion
+
+
+__all__ = ["build_encoder", "build_model", "feature_dim", "l2_normalize", "ResNet",
+           "ProjectionHead", "ContrastiveModel", "STAGE_SIZES", "STEMS"]

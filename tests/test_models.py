@@ -1,0 +1,98 @@
+"""Models: parameter counts against torchvision's architecture, shapes, dtypes."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from care_jax import models
+
+
+def _torchvision_param_count(name, stem, width=1.0):
+  """Counted from the architecture description, independently of the Flax code:
+  conv weights (no bias) + BatchNorm (weight, bias) per conv, no fc."""
+  widths = [int(round(c * width)) for c in (64, 128, 256, 512)]
+  conv = lambda k, cin, cout: k * k * cin * cout
+  bn = lambda c: 2 * c
+  total = (conv(3, 3, widths[0]) if stem == "cifar" else conv(7, 3, widths[0])) + bn(widths[0])
+  cin = widths[0]
+  bottleneck = name == "resnet50"
+  for stage, (blocks, w) in enumerate(zip(models.STAGE_SIZES[name], widths)):
+    for i in range(blocks):
+      stride = 2 if stage > 0 and i == 0 else 1
+      if bottleneck:
+        out = 4 * w
+        total += conv(1, cin, w) + bn(w) + conv(3, w, w) + bn(w) + conv(1, w, out) + bn(out)
+      else:
+        out = w
+        total += conv(3, cin, w) + bn(w) + conv(3, w, w) + bn(w)
+      if stride != 1 or cin != out:
+        total += conv(1, cin, out) + bn(out)
+      cin = out
+  return total
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_parameter_counts_match_torchvision(name, stem):
+  enc = models.build_encoder(name, stem)
+  shapes = jax.eval_shape(lambda: enc.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  assert _count(shapes["params"]) == _torchvision_param_count(name, stem)
+  # torchvision's published totals minus the fc layer (512*1000+1000 / 2048*1000+1000).
+  published = {"resnet18": 11_689_512 - 513_000, "resnet34": 21_797_672 - 513_000,
+               "resnet50": 25_557_032 - 2_049_000}
+  if stem == "imagenet":
+    assert _count(shapes["params"]) == published[name]
+
+
+@pytest.mark.parametrize("stem,size,expect_hw", [("cifar", 32, 4), ("imagenet", 64, 2)])
+def test_shapes_and_train_mode_updates_batch_stats(stem, size, expect_hw):
+  model = models.build_model("resnet18", stem, width=0.125, proj_hidden_dim=32, proj_dim=16)
+  x = jax.random.normal(jax.random.key(1), (4, size, size, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  feats, proj = model.apply(variables, x, train=False)
+  chex.assert_shape(feats, (4, models.feature_dim("resnet18", 0.125)))
+  chex.assert_shape(proj, (4, 16))
+  np.testing.assert_allclose(jnp.linalg.norm(proj, axis=-1), 1.0, rtol=1e-5)
+  (_, _), updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  before = jax.tree_util.tree_leaves(variables["batch_stats"])
+  after = jax.tree_util.tree_leaves(updates["batch_stats"])
+  assert any(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_bfloat16_compute_is_close_to_float32_with_float32_params():
+  f32 = models.build_model("resnet18", "cifar", width=0.25, proj_hidden_dim=32, proj_dim=16)
+  bf16 = models.build_model("resnet18", "cifar", width=0.25, dtype=jnp.bfloat16, proj_hidden_dim=32, proj_dim=16)
+  x = jax.random.uniform(jax.random.key(2), (8, 32, 32, 3))
+  variables = f32.init(jax.random.key(0), x, train=False)
+  chex.assert_trees_all_equal_dtypes(variables, bf16.init(jax.random.key(0), x, train=False))
+  a_feat, a_proj = f32.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+  b_feat, b_proj = bf16.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+  chex.assert_type(b_proj, jnp.float32)
+  cos = jnp.sum(a_proj * b_proj, axis=-1)
+  assert float(jnp.min(cos)) > 0.98, cos
+  assert float(jnp.linalg.norm(a_feat - b_feat) / jnp.linalg.norm(a_feat)) < 0.05
+
+
+def test_stride2_padding_is_symmetric_like_pytorch():
+  # A 3x3 stride-2 conv with padding 1 on 8x8 gives 4x4 and sees pixel (0, 0)
+  # at the centre tap of output (0, 0), as PyTorch's padding=1 does.
+  conv = models.resnet._conv(1, 3, 2)
+  x = jnp.zeros((1, 8, 8, 1)).at[0, 0, 0, 0].set(1.0)
+  kernel = jnp.zeros((3, 3, 1, 1)).at[1, 1, 0, 0].set(1.0)
+  y = conv.apply({"params": {"kernel": kernel}}, x)
+  assert y.shape == (1, 4, 4, 1) and float(y[0, 0, 0, 0]) == 1.0
+
+
+def test_bad_names_and_widths():
+  with pytest.raises(ValueError, match="unknown model 'resnet19'; choose one of resnet18, resnet34, resnet50"):
+    models.build_encoder("resnet19")
+  with pytest.raises(ValueError, match="unknown stem 'tiny'"):
+    models.build_encoder("resnet18", stem="tiny")
+  for bad in (0, -1, 0.001, "wide"):
+    with pytest.raises(ValueError, match="model width must be a number > 0"):
+      models.build_encoder("resnet18", width=bad)
