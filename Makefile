@@ -29,8 +29,10 @@ data:
 test: $(STAMP) data
 	$(PY) -m pytest -q tests
 
+# Until training lands (issue 4), the demo runs the two benchmarks.
 demo: $(STAMP) data
 	$(PY) -m experiments.bench_losses --quick
+	$(PY) -m experiments.bench_input --steps 15
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -r requirements-bench.txt
