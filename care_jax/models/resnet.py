@@ -35,6 +35,15 @@ def _conv(features, kernel, strides=1, dtype=jnp.float32, name=None):
                  param_dtype=jnp.float32, name=name)
 
 
+def _shortcut(x, out: int, strides: int, train: bool, dtype):
+  """Identity, or a 1x1 projection + BatchNorm where the shape changes (call
+  from inside a compact method: the modules join the calling block)."""
+  if strides == 1 and x.shape[-1] == out:
+    return x
+  x = _conv(out, 1, strides, dtype, name="proj_conv")(x)
+  return _norm(train, dtype, name="proj_bn")(x)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs; expansion 1."""
   filters: int
@@ -48,10 +57,7 @@ class BasicBlock(nn.Module):
     y = nn.relu(_norm(train, self.dtype)(y))
     y = _conv(self.filters, 3, 1, self.dtype)(y)
     y = _norm(train, self.dtype)(y)
-    if self.strides != 1 or x.shape[-1] != self.filters:
-      x = _conv(self.filters, 1, self.strides, self.dtype, name="proj_conv")(x)
-      x = _norm(train, self.dtype, name="proj_bn")(x)
-    return nn.relu(x + y)
+    return nn.relu(_shortcut(x, self.filters, self.strides, train, self.dtype) + y)
 
 
 class Bottleneck(nn.Module):
@@ -67,10 +73,7 @@ class Bottleneck(nn.Module):
     y = nn.relu(_norm(train, self.dtype)(_conv(self.filters, 1, 1, self.dtype)(x)))
     y = nn.relu(_norm(train, self.dtype)(_conv(self.filters, 3, self.strides, self.dtype)(y)))
     y = _norm(train, self.dtype)(_conv(out, 1, 1, self.dtype)(y))
-    if self.strides != 1 or x.shape[-1] != out:
-      x = _conv(out, 1, self.strides, self.dtype, name="proj_conv")(x)
-      x = _norm(train, self.dtype, name="proj_bn")(x)
-    return nn.relu(x + y)
+    return nn.relu(_shortcut(x, out, self.strides, train, self.dtype) + y)
 
 
 class ResNet(nn.Module):
