@@ -137,9 +137,15 @@ def _load_folder(root: str, image_size: int):
     for fname in sorted(os.listdir(os.path.join(root, cls))):
       raw = tf.io.read_file(os.path.join(root, cls, fname))
       img = tf.image.decode_image(raw, channels=3, expand_animations=False)
-      images.append(tf.image.resize(img, [image_size, image_size], antialias=True).numpy())
+      images.append(_resize_uint8(img[None], image_size)[0])
       labels.append(label)
-  return np.clip(np.round(np.stack(images)), 0, 255).astype(np.uint8), np.asarray(labels, np.int32), len(classes)
+  return np.stack(images), np.asarray(labels, np.int32), len(classes)
+
+
+def _resize_uint8(images, size: int) -> np.ndarray:
+  """[N, H, W, C] -> uint8 [N, size, size, C], bilinear with antialiasing."""
+  resized = tf.image.resize(images, [size, size], method="bilinear", antialias=True)
+  return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
 
 
 def _to_rgb_size(images: np.ndarray, size: int) -> np.ndarray:
@@ -149,11 +155,9 @@ def _to_rgb_size(images: np.ndarray, size: int) -> np.ndarray:
   if images.shape[-1] == 1:
     images = np.repeat(images, 3, axis=-1)
   if images.shape[1:3] != (size, size):
-    out = []
-    for start in range(0, len(images), 4096):  # bounded memory for big arrays
-      chunk = tf.image.resize(images[start:start + 4096], [size, size], method="bilinear", antialias=True)
-      out.append(np.clip(np.round(chunk.numpy()), 0, 255).astype(np.uint8))
-    images = np.concatenate(out)
+    # In pieces of 4096 images: bounded memory for big arrays.
+    images = np.concatenate([_resize_uint8(images[start:start + 4096], size)
+                             for start in range(0, len(images), 4096)])
   return np.ascontiguousarray(images, np.uint8)
 
 

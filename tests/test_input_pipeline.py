@@ -100,3 +100,18 @@ def test_unavailable_datasets_fail_fast_with_one_line(name, pattern, tmp_path):
     ip.load_dataset(name, "train", 8, data_dir=str(tmp_path))
   assert time.time() - t0 < 10
   assert "\n" not in str(err.value)
+
+
+def test_image_folder_source_resizes_mixed_sizes(tmp_path):
+  rng = np.random.default_rng(2)
+  for cls, sizes in (("cat", (12, 20)), ("dog", (8,))):
+    (tmp_path / cls).mkdir()
+    for i, s in enumerate(sizes):
+      pixels = rng.integers(0, 256, (s, s, 3), dtype=np.uint8)
+      tf.io.write_file(str(tmp_path / cls / f"{i}.png"), tf.io.encode_png(pixels))
+  data = ip.load_dataset("folder:" + str(tmp_path), "train", 8)
+  assert data.images.shape == (3, 8, 8, 3) and data.images.dtype == np.uint8
+  assert data.labels.tolist() == [0, 0, 1] and data.num_classes == 2
+  # The 8x8 image is already at size: it comes back unchanged.
+  original = tf.io.decode_png(tf.io.read_file(str(tmp_path / "dog" / "0.png"))).numpy()
+  np.testing.assert_array_equal(data.images[2], original)
