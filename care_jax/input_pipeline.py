@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import numpy as np
 import tensorflow as tf
 
-from care_jax import augment
+from care_jax import augment, config_lib
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # Per-channel statistics for normalisation (grey datasets repeat one value).
@@ -40,7 +40,7 @@ DATASET_STATS = {
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-class DatasetUnavailableError(ValueError):
+class DatasetUnavailableError(config_lib.ConfigError):
   """A dataset that cannot be read offline; the message says how to provide it."""
 
 
@@ -248,3 +248,27 @@ def eval_batches(data: ArrayDataset, *, global_batch: int, aug: augment.AugmentC
     rows = np.where(mask, rows, 0)
     images = (data.images[rows].astype(np.float32) / 255.0 - stats[0]) / stats[1]
     yield {"images": images, "labels": data.labels[rows], "mask": mask}
+
+
+def augment_config(dataset: str, image_size: int, equiv_crop: bool = True) -> augment.AugmentConfig:
+  """The SimCLR augmentation settings with the dataset's normalisation statistics."""
+  mean, std = dataset_stats(dataset)
+  return augment.AugmentConfig(image_size=image_size, mean=mean, std=std, equiv_crop=equiv_crop)
+
+
+def normalized(images: np.ndarray, aug: augment.AugmentConfig) -> np.ndarray:
+  """uint8 images -> the normalised float32 input of an unaugmented view."""
+  return ((images.astype(np.float32) / 255.0 - np.asarray(aug.mean, np.float32))
+          / np.asarray(aug.std, np.float32))
+
+
+def shared_augmentation(images: np.ndarray, seed: int, trial: int, aug: augment.AugmentConfig):
+  """ONE augmentation drawn from (seed, trial) applied to every image (Wahba report).
+
+  Returns (views float32 [N, S, S, 3], the augmentation's parameters as Python values).
+  """
+  h, w = images.shape[1], images.shape[2]
+  params = augment.sample_params(augment.view_seed(seed, trial, 0), 1, h, w, aug)
+  views = augment.apply(tf.constant(images), augment.repeat_params(params, len(images)), aug)
+  described = {k: np.asarray(v)[0].tolist() for k, v in params.items()}
+  return views.numpy(), described

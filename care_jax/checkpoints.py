@@ -1,0 +1,96 @@
+"""Train-state checkpoints in workdir/checkpoints through orbax's CheckpointManager.
+
+Saves are asynchronous (orbax writes in the background and renames a finished
+temporary directory into place, so a process killed mid-save leaves the
+previous checkpoints intact; leftover temporary directories are deleted when the
+manager opens). Restoring walks back from the newest step: an unreadable
+checkpoint is reported, moved aside to workdir/checkpoints_unreadable/<step>
+(never deleted) and the one before it is used. Paths go through etils.epath, so
+gs:// work directories behave like local ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in the directory could be read."""
+
+
+def abstract_like(state):
+  """ShapeDtypeStructs with the shardings of `state`: what restore fills in."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+class Checkpointer:
+
+  def __init__(self, directory, keep: int, *, async_save: bool = True,
+               log: Callable[[str], None] = print):
+    self.directory = epath.Path(directory)
+    self._keep = keep
+    self._async = async_save
+    self._log = log
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True, cleanup_tmp_directories=True,
+                                           enable_async_checkpointing=self._async)
+    return ocp.CheckpointManager(self.directory, options=options)
+
+  def all_steps(self):
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state) -> None:
+    """Starts saving `state` as `step` (returns before the write ends when async)."""
+    if step in self._manager.all_steps():
+      return  # Already saved (e.g. the final step equals a periodic one).
+    self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+
+  def restore_latest(self, like) -> Tuple[Any, Optional[int]]:
+    """(state, step) from the newest readable checkpoint, or (None, None) if none exist."""
+    steps = self.all_steps()
+    for step in reversed(steps):
+      try:
+        state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_like(like)))
+        return state, step
+      except Exception as e:  # noqa: BLE001 - any unreadable file means: use the previous one.
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        self._set_aside(step)
+        self._log(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {reason}); "
+                  f"moved it to {self._aside_dir() / str(step)} and trying the previous one")
+    if steps:
+      raise CheckpointError(f"no readable checkpoint in {self.directory} (tried steps {steps}); "
+                            f"move the directory away to start afresh")
+    return None, None
+
+  def _aside_dir(self) -> epath.Path:
+    return self.directory.parent / "checkpoints_unreadable"
+
+  def _set_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      aside = self._aside_dir()
+      aside.mkdir(parents=True, exist_ok=True)
+      target = aside / str(step)
+      if target.exists():
+        target.rmtree()
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"care_jax_checkpoint_aside_{step}")
+    self._manager.close()
+    self._manager = self._open()
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

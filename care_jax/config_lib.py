@@ -1,0 +1,208 @@
+"""Config checking and run durations: everything about a config before any work.
+
+`validate(config, num_devices)` raises ConfigError with one line that names the
+field, the value and the fix; main.py prints that line and exits non-zero.
+`resolve_durations` is the one place that turns epochs into steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import uuid
+from typing import Iterable
+
+import ml_collections
+from etils import epath
+
+from care_jax.models import resnet
+
+OPTIMIZERS = ("adam", "sgd", "lars")
+SCHEDULES = ("constant", "cosine")
+OBJECTIVES = ("care", "simclr", "equi_unif")
+DTYPES = ("float32", "bfloat16")
+# Datasets the input pipeline reads (besides npz:/folder: sources and other tfds names).
+KNOWN_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet2012", "mnist", "svhn_cropped")
+_LOCAL_PREFIXES = ("npz:", "folder:")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field the code reads, with its default; configs/*.py override some."""
+  c = ml_collections.ConfigDict()
+  # Data.
+  c.dataset = "fashion_mnist"
+  c.data_dir = ""  # tfds data_dir; "" = tfds' default.
+  c.download = False  # let tfds download (needs the network); off: fail fast with a hint.
+  c.train_split = "train"  # pretraining split (may be unlabelled)
+  c.eval_train_split = ""  # labelled split for kNN bank / linear probe; "" = train_split
+  c.test_split = "test"
+  c.image_size = 32
+  # Model.
+  c.model = "resnet18"
+  c.model_stem = "cifar"
+  c.model_width = 1.0
+  c.dtype = "float32"  # compute dtype; parameters stay float32.
+  c.proj_hidden_dim = 512
+  c.proj_dim = 128
+  # Objective.
+  c.objective = "care"  # care | simclr | equi_unif (the paper's L_equi + L_unif ablation)
+  c.temperature = 0.5
+  c.equiv_weight = 0.03
+  c.equiv_splits = 16
+  c.equiv_crop = True  # False: the equivariance views skip the crop (release's ImageNet-100).
+  # Optimisation.
+  c.batch_size = 256
+  c.num_epochs = 400.0
+  c.num_train_steps = 0  # > 0 overrides num_epochs.
+  c.optimizer = "adam"
+  c.learning_rate = 1e-3
+  c.momentum = 0.9  # sgd and lars.
+  c.weight_decay = 1e-6  # never applied to BatchNorm parameters or biases.
+  c.schedule = "constant"  # constant | cosine, both after a linear warm-up.
+  c.warmup_epochs = 0.0
+  c.seed = 0
+  # Logging, checkpoints, evaluation.
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_every_steps = 0  # kNN monitor interval; 0 = only at the end.
+  c.eval_batch_size = 512
+  c.knn_k = 200
+  c.knn_temperature = 0.5  # weights exp(cos / T), pinned and saved with the result.
+  c.knn_monitor_examples = 10000  # train-bank rows for the periodic monitor; 0 = all.
+  c.final_eval = True
+  c.linear_probe_epochs = 100  # the release's protocol: Adam 1e-3, wd 1e-6, batch 512.
+  c.linear_probe_lr = 1e-3
+  c.linear_probe_weight_decay = 1e-6
+  c.linear_probe_batch_size = 512
+  c.wahba_trials = 20
+  c.wahba_examples = 1000  # test images each sampled augmentation is applied to.
+  c.random_init_baseline = False  # also report kNN / linear probe of the untrained encoder.
+  # Multi-host: jax.distributed.initialize() when true (or JAX_COORDINATOR_ADDRESS is set).
+  c.distributed = False
+  c.coordinator_address = ""
+  c.num_processes = 0
+  c.process_id = -1
+  return c
+
+
+class ConfigError(ValueError):
+  """A bad config value; str(error) is the one line shown to the user."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+  close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
+  return f' Did you mean "{close[0]}"?' if close else ""
+
+
+def _choice(config, field: str, choices) -> None:
+  value = config[field]
+  if value not in choices:
+    raise ConfigError(f"{field}={value!r} is not known; choose one of {', '.join(choices)}."
+                      f"{did_you_mean(value, choices)}")
+
+
+def _at_least(config, field: str, lower, what: str = "") -> None:
+  value = config[field]
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= lower:
+    raise ConfigError(f"{field}={value!r} must be a number >= {lower}{what}; "
+                      f"set --config.{field}=<value >= {lower}>")
+
+
+def _positive(config, field: str) -> None:
+  value = config[field]
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or math.isinf(value):
+    raise ConfigError(f"{field}={value!r} must be a finite number > 0; set --config.{field}=<value > 0>")
+
+
+def validate(config, num_devices: int = 1) -> None:
+  """Raises ConfigError for the first bad field. Reads no data, starts no JAX work."""
+  for field in ("batch_size", "equiv_splits", "eval_batch_size", "log_every_steps", "proj_dim",
+                "proj_hidden_dim", "knn_k", "image_size"):
+    _at_least(config, field, 1)
+  for field in ("num_epochs", "num_train_steps", "warmup_epochs", "weight_decay", "equiv_weight",
+                "eval_every_steps", "checkpoint_every_steps", "linear_probe_epochs", "wahba_trials",
+                "momentum", "knn_monitor_examples", "wahba_examples", "linear_probe_weight_decay"):
+    _at_least(config, field, 0)
+  _at_least(config, "keep_checkpoints", 1)
+  _at_least(config, "linear_probe_batch_size", 1)
+  for field in ("temperature", "learning_rate", "knn_temperature", "linear_probe_lr"):
+    _positive(config, field)
+  _choice(config, "optimizer", OPTIMIZERS)
+  _choice(config, "schedule", SCHEDULES)
+  _choice(config, "objective", OBJECTIVES)
+  _choice(config, "dtype", DTYPES)
+  _choice(config, "model", tuple(sorted(resnet.STAGE_SIZES)))
+  _choice(config, "model_stem", resnet.STEMS)
+  try:
+    resnet.feature_dim(config.model, config.model_width)
+  except ValueError as e:
+    raise ConfigError(f"model_width={config.model_width!r}: {e}; set --config.model_width=0.25 or similar") from None
+  dataset = str(config.dataset)
+  if not (dataset.startswith(_LOCAL_PREFIXES) or dataset in KNOWN_DATASETS or "/" in dataset):
+    raise ConfigError(f"dataset={dataset!r} is not known; use one of {', '.join(KNOWN_DATASETS)}, "
+                      f"npz:/path/file.npz or folder:/path/to/root.{did_you_mean(dataset, KNOWN_DATASETS)}")
+
+  batch, splits = config.batch_size, config.equiv_splits
+  if batch % num_devices:
+    raise ConfigError(f"batch_size={batch} is not divisible by the {num_devices} devices; "
+                      f"use a multiple of {num_devices}")
+  if config.eval_batch_size % num_devices:
+    raise ConfigError(f"eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices; "
+                      f"use a multiple of {num_devices}")
+  if uses_equivariance(config):
+    if batch % splits:
+      raise ConfigError(f"batch_size={batch} is not divisible by equiv_splits={splits}; "
+                        f"use an equiv_splits that divides {batch}")
+    chunk = batch // splits
+    if chunk < 2:
+      raise ConfigError(f"equiv_splits={splits} gives chunks of {chunk} image (batch_size={batch}); "
+                        f"a chunk needs >= 2 images: use equiv_splits <= {batch // 2}")
+    per_device = batch // num_devices
+    if per_device % chunk:
+      raise ConfigError(f"equiv_splits={splits} gives chunks of {chunk} images that straddle devices "
+                        f"({per_device} images per device on {num_devices}); use an equiv_splits that is "
+                        f"a multiple of {num_devices}")
+  if config.proj_dim < 2:
+    raise ConfigError(f"proj_dim={config.proj_dim} must be >= 2")
+
+
+def uses_equivariance(config) -> bool:
+  """Whether the e1/e2 views are computed (SimCLR, or weight 0, skips them)."""
+  return config.objective != "simclr" and config.equiv_weight > 0
+
+
+def check_workdir(workdir: str) -> epath.Path:
+  """Creates workdir if needed and proves it writable (local paths and gs:// alike)."""
+  if not workdir:
+    raise ConfigError("workdir is empty; pass --workdir=<directory for checkpoints and logs>")
+  path = epath.Path(workdir)
+  probe = path / f".write-test-{uuid.uuid4().hex[:8]}"
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # noqa: BLE001 - any filesystem error becomes one line.
+    reason = getattr(e, "strerror", None) or type(e).__name__
+    raise ConfigError(f"workdir={workdir!r} is not writable ({reason}); pass --workdir=<a writable directory>") \
+        from None
+  return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Durations:
+  steps_per_epoch: int
+  total_steps: int
+  warmup_steps: int
+
+
+def resolve_durations(config, num_train_examples: int) -> Durations:
+  """num_train_steps > 0 wins over num_epochs; warm-up is given in epochs."""
+  steps_per_epoch = max(1, num_train_examples // config.batch_size)
+  if config.num_train_steps > 0:
+    total = int(config.num_train_steps)
+  else:
+    total = int(round(config.num_epochs * steps_per_epoch))
+  warmup = min(total, int(round(config.warmup_epochs * steps_per_epoch)))
+  return Durations(steps_per_epoch, total, warmup)

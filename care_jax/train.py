@@ -1,0 +1,464 @@
+"""CARE pretraining: the train state, the sharded train step and the training loop.
+
+One `Mesh(all devices, ('data',))`; the global batch is sharded along 'data',
+the state is replicated, and `train_step` is one jax.jit-compiled program with
+the state donated. Because the step is written for the whole global batch, XLA
+inserts the communication: InfoNCE negatives and BatchNorm statistics are global,
+so 1 device and N devices compute the same loss, gradients and updates.
+Equivariance chunks never straddle devices (config_lib checks that chunk size
+divides the per-device batch), so the L_equi term needs no communication.
+
+This module imports no TensorFlow: `train_and_evaluate` imports the input
+pipeline when it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from care_jax import checkpoints, config_lib, evaluate, losses, metric_writers
+from care_jax.models import resnet
+
+VIEWS = ("x1", "x2", "e1", "e2")
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss or a gradient became NaN/inf; the message says what to change."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key; per-step keys are fold_in(rng, step).
+
+
+# ------------------------------------------------------------------ pieces
+
+def build_model(config) -> resnet.ContrastiveModel:
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  return resnet.build_model(config.model, config.model_stem, config.model_width, dtype,
+                            config.proj_hidden_dim, config.proj_dim)
+
+
+def learning_rate_schedule(config, durations: config_lib.Durations) -> optax.Schedule:
+  """Linear warm-up from 0, then constant or cosine decay to 0 at the last step."""
+  lr, warmup, total = config.learning_rate, durations.warmup_steps, max(1, durations.total_steps)
+  if config.schedule == "cosine":
+    after = optax.cosine_decay_schedule(lr, max(1, total - warmup))
+  else:
+    after = optax.constant_schedule(lr)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def decay_mask(params):
+  """Weight decay on kernels only: BatchNorm scales/biases and dense biases are 1-D."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Adam and SGD add the decay to the gradient (torch's weight_decay); LARS as in optax."""
+  wd = config.weight_decay
+  if config.optimizer == "lars":
+    return optax.lars(schedule, weight_decay=wd, weight_decay_mask=decay_mask,
+                      trust_ratio_mask=decay_mask, momentum=config.momentum)
+  if config.optimizer == "adam":
+    direction = optax.scale_by_adam()
+  else:  # sgd with (torch-style) momentum
+    direction = optax.trace(decay=config.momentum)
+  return optax.chain(optax.add_decayed_weights(wd, decay_mask), direction, optax.scale_by_learning_rate(schedule))
+
+
+def create_train_state(model, tx, config, mesh: Mesh) -> TrainState:
+  """Initialises the replicated state with one jitted call (no host round trip)."""
+  replicated = NamedSharding(mesh, P())
+
+  def init(seed):
+    rng = jax.random.PRNGKey(seed)
+    images = jnp.zeros((2, config.image_size, config.image_size, 3), jnp.float32)
+    variables = model.init(jax.random.fold_in(rng, 0), images, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+                      opt_state=tx.init(params), rng=rng)
+
+  return jax.jit(init, out_shardings=replicated, static_argnums=0)(int(config.seed))
+
+
+def objective(config, z) -> tuple:
+  """The configured loss of the projections z[view] -> (total, terms for logging)."""
+  if config.objective == "equi_unif":
+    unif = losses.wang_isola_uniformity(jnp.concatenate([z["x1"], z["x2"]]), config.temperature)
+    equi = losses.equivariance_loss(z["e1"], z["e2"], config.equiv_splits)
+    total = unif + config.equiv_weight * equi
+    return total, dict(uniformity=unif, equivariance=equi, info_nce=losses.info_nce(z["x1"], z["x2"],
+                                                                                        config.temperature))
+  use_equi = config_lib.uses_equivariance(config)
+  return losses.care_loss(z["x1"], z["x2"], z.get("e1"), z.get("e2"), temperature=config.temperature,
+                          equiv_weight=config.equiv_weight if use_equi else 0.0,
+                          num_chunks=config.equiv_splits)
+
+
+def _global_norm_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(model, tx, config, schedule: optax.Schedule) -> Callable:
+  """train_step(state, batch) -> (state, metrics), pure; batch holds views x1, x2 (e1, e2)."""
+  views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
+
+  def loss_fn(params, batch_stats, batch):
+    z = {}
+    # One forward pass per view, as the release does: BatchNorm normalises each
+    # view with that view's statistics, and the running averages are updated
+    # once per view, in order.
+    for view in views:
+      (_, z[view]), updates = model.apply({"params": params, "batch_stats": batch_stats}, batch[view],
+                                          train=True, mutable=["batch_stats"])
+      batch_stats = updates["batch_stats"]
+    total, terms = objective(config, z)
+    return total, (terms, batch_stats, z["x1"])
+
+  def train_step(state: TrainState, batch):
+    (loss, (terms, batch_stats, z1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # NaN/inf guard: a bad step changes nothing (the host then stops the run).
+    finite = jnp.isfinite(loss) & _global_norm_finite(grads)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              batch_stats=keep(batch_stats, state.batch_stats),
+                              opt_state=keep(opt_state, state.opt_state))
+    metrics = dict(loss=loss, **terms, learning_rate=schedule(state.step),
+                   grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(state.params),
+                   # Collapse signal: per-dimension std of the unit embeddings
+                   # (0 = collapsed; 1/sqrt(D) for uniformly spread ones).
+                   embedding_std=jnp.mean(jnp.std(z1, axis=0)), finite=finite)
+    return new_state, metrics
+
+  return train_step
+
+
+def compile_train_step(train_step, mesh: Mesh):
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(train_step, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def make_embed_fn(model, mesh: Mesh):
+  """embed(variables, images) -> (backbone features, projections), BatchNorm in inference mode."""
+  return jax.jit(lambda variables, images: model.apply(variables, images, train=False),
+                 in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))),
+                 out_shardings=NamedSharding(mesh, P("data")))
+
+
+def global_batch_builder(mesh: Mesh) -> Callable[[np.ndarray], jax.Array]:
+  """Process-local rows -> one global array sharded along 'data'."""
+  sharding = NamedSharding(mesh, P("data"))
+  return lambda local: jax.make_array_from_process_local_data(sharding, np.asarray(local))
+
+
+def make_mesh(devices=None) -> Mesh:
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+def maybe_initialize_distributed(config) -> None:
+  """jax.distributed.initialize() when the config or the environment asks for it."""
+  import os
+  if not (config.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    return
+  kwargs = {}
+  if config.coordinator_address:
+    kwargs["coordinator_address"] = config.coordinator_address
+  if config.num_processes:
+    kwargs["num_processes"] = int(config.num_processes)
+  if config.process_id >= 0:
+    kwargs["process_id"] = int(config.process_id)
+  jax.distributed.initialize(**kwargs)
+
+
+# ------------------------------------------------------------------ the loop
+
+class _StopFlag:
+  """Set by SIGTERM (preemption): the loop saves a checkpoint and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def install(self):
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      # JAX's preemption notifier catches SIGTERM on every host; all agree here.
+      return self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def uninstall(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host_metrics(metrics) -> dict:
+  return {k: (bool(v) if k == "finite" else float(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = None) -> dict:
+  """Pretrains per `config` into `workdir`, resuming from its latest checkpoint.
+
+  stop_at_step ends this invocation after that step with a checkpoint, as a
+  preemption would (tests and time-sliced jobs). Returns a summary dict: the
+  final report when final_eval ran, else {"step": ..., "status": ...}.
+  """
+  from care_jax import input_pipeline  # TensorFlow stays out of the core's imports.
+
+  workdir = config_lib.check_workdir(workdir)
+  mesh = make_mesh()
+  config_lib.validate(config, jax.device_count())
+  is_chief = jax.process_index() == 0
+
+  load = lambda split: input_pipeline.load_dataset(config.dataset, split, config.image_size,
+                                                   config.data_dir or None, config.download)
+  train_data = load(config.train_split)
+  durations = config_lib.resolve_durations(config, len(train_data.images))
+  aug = input_pipeline.augment_config(config.dataset, config.image_size, config.equiv_crop)
+
+  model = build_model(config)
+  schedule = learning_rate_schedule(config, durations)
+  tx = make_optimizer(config, schedule)
+  state = create_train_state(model, tx, config, mesh)
+  writer = metric_writers.MetricWriter(workdir, durations.total_steps, enabled=is_chief)
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, log=writer.note)
+  restored, start_step = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored
+    writer.note(f"resumed from {ckpt.directory / str(start_step)} (step {start_step})")
+  start_step = int(start_step or 0)
+  writer.truncate_after(start_step)
+  if is_chief:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  to_global = global_batch_builder(mesh)
+  p_train_step = compile_train_step(make_train_step(model, tx, config, schedule), mesh)
+  embed_fn = make_embed_fn(model, mesh)
+  eval_data = {}
+
+  def labelled(split):  # Evaluation splits, read on first use.
+    split = split or config.train_split
+    if split not in eval_data:
+      eval_data[split] = train_data if split == config.train_split else load(split)
+    return eval_data[split]
+
+  def knn_monitor(state) -> dict:
+    bank = labelled(config.eval_train_split)
+    if config.knn_monitor_examples:
+      bank = _subset(bank, config.knn_monitor_examples)
+    return _knn_eval(config, embed_fn, _variables(state), bank, labelled(config.test_split), aug, to_global)
+
+  views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
+  last_step = durations.total_steps if stop_at_step is None else min(stop_at_step, durations.total_steps)
+  batches = input_pipeline.pretraining_dataset(
+      train_data, seed=config.seed, global_batch=config.batch_size, num_chunks=config.equiv_splits, aug=aug,
+      start_step=start_step, num_steps=max(0, last_step - start_step), process_index=jax.process_index(),
+      process_count=jax.process_count(), with_equivariance=len(views) == 4).as_numpy_iterator()
+
+  stop = _StopFlag().install()
+  status = "finished"
+  pending = None  # (step, metrics) of the step in flight, checked one step late.
+  window_start, window_steps = None, 0
+  last_good_save = ckpt.latest_step()
+  try:
+    step = start_step
+    while step < last_step:
+      local = next(batches)
+      batch = {v: to_global(local[v]) for v in views}
+      state, metrics = p_train_step(state, batch)
+      step += 1
+      window_steps += 1
+      if pending is not None:
+        _check_finite(*pending, last_good_save)
+      pending = (step, metrics)
+      if window_start is None:  # The first step includes compilation: time from after it.
+        jax.block_until_ready(metrics)
+        window_start, window_steps = time.perf_counter(), 0
+      if step % config.log_every_steps == 0 or step == last_step:
+        scalars = _host_metrics(metrics)
+        _check_finite(step, scalars, last_good_save)
+        elapsed = time.perf_counter() - window_start
+        per_step = elapsed / max(1, window_steps)
+        scalars.update(images_per_sec=config.batch_size / per_step if window_steps else 0.0, epoch=step /
+                       durations.steps_per_epoch)
+        writer.write(step, scalars)
+        writer.progress(step, scalars["loss"], scalars["images_per_sec"], per_step)
+        window_start, window_steps = time.perf_counter(), 0
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and step != last_step:
+        knn = knn_monitor(state)
+        writer.write(step, {"knn_top1": knn["top1"], "knn_top5": knn["top5"]})
+        writer.note(f"step {step}: kNN top-1 {knn['top1']:.2f}% (k={knn['k']}, T={knn['temperature']})")
+        window_start, window_steps = time.perf_counter(), 0
+      if step == last_step:
+        break
+      if stop.should_stop(step):
+        status = "preempted"
+        break
+      if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        _check_finite(*pending, last_good_save)
+        ckpt.save(step, state)
+        last_good_save = step
+    if pending is not None:
+      _check_finite(*pending, last_good_save)
+    if step > start_step or ckpt.latest_step() is None:
+      ckpt.save(step, state)  # The final (or preempted) step is always saved.
+    ckpt.wait()
+  finally:
+    stop.uninstall()
+    ckpt.close()
+
+  if status == "preempted" or step < durations.total_steps:
+    writer.note(f"stopped at step {step} with a checkpoint; rerun the same command to resume")
+    writer.close()
+    return {"step": step, "status": "preempted" if status == "preempted" else "stopped"}
+  if not config.final_eval:
+    writer.close()
+    return {"step": step, "status": status}
+
+  report = final_report(config, state, model, embed_fn, labelled(config.eval_train_split),
+                        labelled(config.test_split), aug, to_global, writer, mesh)
+  report["step"] = step
+  if is_chief:
+    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+    from care_jax import plots
+    plots.write_plots(workdir, report)
+  writer.write(step, {k: report[k] for k in ("knn_top1", "linear_probe_top1", "wahba_error_mean",
+                                             "wahba_error_max", "relative_equivariance")})
+  writer.note(f"report: {workdir / 'report.json'}  kNN top-1 {report['knn_top1']:.2f}%  linear probe top-1 "
+              f"{report['linear_probe_top1']:.2f}%  Wahba error mean {report['wahba_error_mean']:.4f} "
+              f"max {report['wahba_error_max']:.4f}  gamma_f {report['relative_equivariance']:.4f}")
+  writer.close()
+  return report
+
+
+def _check_finite(step: int, metrics: dict, last_good_save) -> None:
+  """Raises TrainingDivergedError if the step's guard saw NaN/inf (metrics on device or host)."""
+  if not bool(jax.device_get(metrics["finite"])):
+    loss = float(jax.device_get(metrics["loss"]))
+    where = f"step {last_good_save}" if last_good_save is not None else "none saved yet"
+    raise TrainingDivergedError(
+        f"step {step}: loss={loss} or a gradient is NaN/inf, so training stopped (that update was not applied); "
+        f"last good checkpoint: {where}. Lower learning_rate or raise temperature, then rerun to resume")
+
+
+def _variables(state: TrainState) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _subset(data, n: int):
+  if n >= len(data.images):
+    return data
+  return type(data)(data.images[:n], data.labels[:n], data.num_classes)
+
+
+def _features(config, embed_fn, variables, data, aug, to_global):
+  from care_jax import input_pipeline
+  batches = input_pipeline.eval_batches(data, global_batch=config.eval_batch_size, aug=aug,
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+  return evaluate.extract_features(embed_fn, variables, batches, to_global)
+
+
+def _knn_eval(config, embed_fn, variables, bank, test, aug, to_global) -> dict:
+  bank_f, _, bank_y = _features(config, embed_fn, variables, bank, aug, to_global)
+  test_f, _, test_y = _features(config, embed_fn, variables, test, aug, to_global)
+  return evaluate.knn_accuracy(bank_f, bank_y, test_f, test_y, num_classes=bank.num_classes, k=config.knn_k,
+                               temperature=config.knn_temperature)
+
+
+def _embed_array(config, embed_fn, variables, images: np.ndarray, to_global) -> np.ndarray:
+  """Projections of normalised float images, every process passing the same array."""
+  b = config.eval_batch_size
+  out = []
+  lo, hi = _local_rows(b)
+  for start in range(0, len(images), b):
+    chunk = images[start:start + b]
+    rows = len(chunk)
+    if rows < b:
+      chunk = np.concatenate([chunk, np.zeros((b - rows,) + chunk.shape[1:], chunk.dtype)])
+    _, z = embed_fn(variables, to_global(chunk[lo:hi]))
+    out.append(evaluate.to_host(z)[:rows])
+  return np.concatenate(out)
+
+
+def _local_rows(global_batch: int):
+  local = global_batch // jax.process_count()
+  return jax.process_index() * local, (jax.process_index() + 1) * local
+
+
+def final_report(config, state, model, embed_fn, train_data, test_data, aug, to_global, writer,
+                 mesh: Mesh) -> dict:
+  """kNN, linear probe and Wahba/gamma_f on the test split -> the report dict."""
+  from care_jax import input_pipeline
+  variables = _variables(state)
+  started = time.perf_counter()
+  train_f, _, train_y = _features(config, embed_fn, variables, train_data, aug, to_global)
+  test_f, _, test_y = _features(config, embed_fn, variables, test_data, aug, to_global)
+  knn = evaluate.knn_accuracy(train_f, train_y, test_f, test_y, num_classes=train_data.num_classes,
+                              k=config.knn_k, temperature=config.knn_temperature)
+  probe = evaluate.linear_probe(train_f, train_y, test_f, test_y, num_classes=train_data.num_classes,
+                                epochs=config.linear_probe_epochs, learning_rate=config.linear_probe_lr,
+                                weight_decay=config.linear_probe_weight_decay,
+                                batch_size=config.linear_probe_batch_size, seed=config.seed)
+  writer.note(f"kNN top-1 {knn['top1']:.2f}%, linear probe top-1 {probe['top1']:.2f}% "
+              f"({time.perf_counter() - started:.0f} s)")
+  report = {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn": knn,
+            "linear_probe_top1": probe["top1"], "linear_probe_top5": probe["top5"], "linear_probe": probe}
+
+  n = min(config.wahba_examples, len(test_data.images))
+  subset = test_data.images[:n]
+  z = _embed_array(config, embed_fn, variables, input_pipeline.normalized(subset, aug), to_global)
+  trials = []
+  for trial in range(config.wahba_trials):
+    views, params = input_pipeline.shared_augmentation(subset, config.seed, trial, aug)
+    z_aug = _embed_array(config, embed_fn, variables, views, to_global)
+    trials.append({"trial": trial, "augmentation": params, **evaluate.wahba_trial(z, z_aug)})
+  if trials:
+    report.update(evaluate.summarize_trials(trials, n))
+  else:
+    report.update(wahba_error_mean=None, wahba_error_max=None, relative_equivariance=None)
+
+  if config.random_init_baseline:
+    init = create_train_state(model, optax.identity(), config, mesh)
+    init_vars = _variables(init)
+    r_train_f, _, _ = _features(config, embed_fn, init_vars, train_data, aug, to_global)
+    r_test_f, _, _ = _features(config, embed_fn, init_vars, test_data, aug, to_global)
+    r_knn = evaluate.knn_accuracy(r_train_f, train_y, r_test_f, test_y, num_classes=train_data.num_classes,
+                                  k=config.knn_k, temperature=config.knn_temperature)
+    r_probe = evaluate.linear_probe(r_train_f, train_y, r_test_f, test_y, num_classes=train_data.num_classes,
+                                    epochs=config.linear_probe_epochs, learning_rate=config.linear_probe_lr,
+                                    weight_decay=config.linear_probe_weight_decay,
+                                    batch_size=config.linear_probe_batch_size, seed=config.seed)
+    report["random_init"] = {"knn_top1": r_knn["top1"], "linear_probe_top1": r_probe["top1"]}
+    writer.note(f"random-init encoder: kNN top-1 {r_knn['top1']:.2f}%, linear probe top-1 {r_probe['top1']:.2f}%")
+  report["eval_seconds"] = time.perf_counter() - started
+  return report
+
