@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import uuid
 from typing import Iterable
 
@@ -177,7 +178,8 @@ def check_workdir(workdir: str) -> epath.Path:
   """Creates workdir if needed and proves it writable (local paths and gs:// alike)."""
   if not workdir:
     raise ConfigError("workdir is empty; pass --workdir=<directory for checkpoints and logs>")
-  path = epath.Path(workdir)
+  # orbax wants absolute paths; remote ones (gs://...) already are.
+  path = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
   probe = path / f".write-test-{uuid.uuid4().hex[:8]}"
   try:
     path.mkdir(parents=True, exist_ok=True)

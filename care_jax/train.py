@@ -145,7 +145,7 @@ def make_train_step(model, tx, config, schedule: optax.Schedule) -> Callable:
                               batch_stats=keep(batch_stats, state.batch_stats),
                               opt_state=keep(opt_state, state.opt_state))
     metrics = dict(loss=loss, **terms, learning_rate=schedule(state.step),
-                   grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(state.params),
+                   grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(state.params),
                    # Collapse signal: per-dimension std of the unit embeddings
                    # (0 = collapsed; 1/sqrt(D) for uniformly spread ones).
                    embedding_std=jnp.mean(jnp.std(z1, axis=0)), finite=finite)

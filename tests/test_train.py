@@ -1,0 +1,185 @@
+"""The train step against independent checks: 1 vs 8 devices, the guard, optimisers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from care_jax import config_lib, losses, train
+
+
+def _tiny_config(**overrides):
+  c = config_lib.default_config()
+  c.model_width = 0.0625
+  c.proj_hidden_dim = 32
+  c.proj_dim = 16
+  c.image_size = 16
+  c.batch_size = 32
+  c.equiv_splits = 8
+  c.num_train_steps = 10
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def _batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  shape = (config.batch_size, config.image_size, config.image_size, 3)
+  return {v: rng.normal(size=shape).astype(np.float32) for v in train.VIEWS}
+
+
+def _setup(config, devices):
+  mesh = train.make_mesh(devices)
+  model = train.build_model(config)
+  durations = config_lib.resolve_durations(config, 10 * config.batch_size)
+  schedule = train.learning_rate_schedule(config, durations)
+  tx = train.make_optimizer(config, schedule)
+  state = train.create_train_state(model, tx, config, mesh)
+  step = train.compile_train_step(train.make_train_step(model, tx, config, schedule), mesh)
+  to_global = train.global_batch_builder(mesh)
+  return state, step, to_global
+
+
+def _run(config, devices, batch, steps=1):
+  state, step, to_global = _setup(config, devices)
+  for _ in range(steps):
+    state, metrics = step(state, {k: to_global(v) for k, v in batch.items()})
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+def _assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+  flat_a, tree_a = jax.tree.flatten(a)
+  flat_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_eight_fake_devices_are_present():
+  assert jax.device_count() == 8
+
+
+def _assert_same_updates(new_a, new_b, old, rtol=2e-4):
+  """new_a - old == new_b - old, relative to the size of each leaf's update."""
+  for a, b, o in zip(jax.tree.leaves(new_a), jax.tree.leaves(new_b), jax.tree.leaves(old)):
+    da, db = np.asarray(a) - np.asarray(o), np.asarray(b) - np.asarray(o)
+    assert np.abs(da - db).max() <= rtol * np.abs(da).max() + 1e-9, (np.abs(da - db).max(), np.abs(da).max())
+
+
+@pytest.mark.parametrize("objective", ["care", "equi_unif"])
+def test_one_and_eight_devices_give_same_loss_gradients_and_updates(objective):
+  # SGD (not Adam, whose normalisation hides a gradient scaled by N) with
+  # momentum and weight decay; after one step the momentum buffer IS the
+  # gradient, so comparing opt_state compares gradients. (A second step
+  # amplifies round-off through BatchNorm to ~1e-3 on these 4-channel nets.)
+  config = _tiny_config(optimizer="sgd", learning_rate=0.05, weight_decay=1e-3, objective=objective,
+                        equiv_weight=0.5)
+  batch = _batch(config)
+  state0 = jax.device_get(_setup(config, jax.devices()[:1])[0])
+  state1, metrics1 = _run(config, jax.devices()[:1], batch)
+  state8, metrics8 = _run(config, jax.devices(), batch)
+  # Reduction order differs between the programs: float32 round-off only (a
+  # gradient N times too large, or per-device BatchNorm, would be off by O(1)).
+  for key in ("loss", "info_nce", "equivariance", "grad_norm"):
+    np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=5e-5)
+  assert metrics1["equivariance"] > 0
+  _assert_same_updates(state8.params, state1.params, state0.params)
+  _assert_same_updates(state8.batch_stats, state1.batch_stats, state0.batch_stats)
+  _assert_same_updates(state8.opt_state, state1.opt_state, state0.opt_state)
+
+
+def test_sgd_update_is_minus_lr_times_gradient_of_the_global_loss():
+  # Independent of the sharded program: jax.grad of the plain (unjitted,
+  # unsharded) loss of the same four views.
+  config = _tiny_config(optimizer="sgd", learning_rate=0.1, weight_decay=0.0, momentum=0.0)
+  batch = _batch(config, seed=3)
+  state0, _, _ = _setup(config, jax.devices()[:1])
+  state0 = jax.device_get(state0)
+  model = train.build_model(config)
+
+  def loss(params):
+    stats, z = state0.batch_stats, {}
+    for v in train.VIEWS:
+      (_, z[v]), upd = model.apply({"params": params, "batch_stats": stats}, jnp.asarray(batch[v]),
+                                   train=True, mutable=["batch_stats"])
+      stats = upd["batch_stats"]
+    return losses.care_loss(z["x1"], z["x2"], z["e1"], z["e2"], temperature=config.temperature,
+                            equiv_weight=config.equiv_weight, num_chunks=config.equiv_splits)[0]
+
+  grads = jax.grad(loss)(state0.params)
+  expected = jax.tree.map(lambda p, g: p - 0.1 * g, state0.params, grads)
+  state8, _ = _run(config, jax.devices(), batch)
+  _assert_trees_close(state8.params, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_decreases_over_steps_on_a_fixed_batch():
+  config = _tiny_config(learning_rate=3e-3)
+  batch = _batch(config, seed=1)
+  state, step, to_global = _setup(config, jax.devices())
+  global_batch = {k: to_global(v) for k, v in batch.items()}
+  history = []
+  for _ in range(8):
+    state, metrics = step(state, global_batch)
+    history.append(float(metrics["loss"]))
+  assert history[-1] < history[0] - 0.05, history
+
+
+def test_simclr_skips_the_equivariance_views():
+  config = _tiny_config(objective="simclr", equiv_weight=0.0)
+  batch = {k: v for k, v in _batch(config).items() if k in ("x1", "x2")}  # no e1/e2 at all
+  _, metrics = _run(config, jax.devices(), batch)
+  assert metrics["equivariance"] == 0.0
+  np.testing.assert_allclose(metrics["loss"], metrics["info_nce"], rtol=1e-6)
+
+
+def test_non_finite_loss_leaves_the_state_unchanged_and_is_flagged():
+  config = _tiny_config(temperature=1e-30)  # logits overflow to inf -> NaN loss
+  state0, step, to_global = _setup(config, jax.devices())
+  before = jax.device_get(state0.params)
+  state, metrics = step(state0, {k: to_global(v) for k, v in _batch(config).items()})
+  assert not bool(metrics["finite"])
+  _assert_trees_close(jax.device_get(state.params), before, rtol=0, atol=0)
+  with pytest.raises(train.TrainingDivergedError, match="NaN/inf.*last good checkpoint: step 7"):
+    train._check_finite(3, metrics, 7)
+
+
+def test_weight_decay_skips_batchnorm_and_biases():
+  config = _tiny_config()
+  state, _, _ = _setup(config, jax.devices()[:1])
+  mask = train.decay_mask(jax.device_get(state.params))
+  flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert all(v for k, v in flat.items() if k.endswith("kernel"))
+  assert not any(v for k, v in flat.items() if k.endswith(("scale", "bias")))
+
+
+def test_warmup_then_cosine_schedule_values():
+  config = _tiny_config(schedule="cosine", learning_rate=0.4, warmup_epochs=1.0, num_train_steps=0, num_epochs=5.0)
+  durations = config_lib.resolve_durations(config, 10 * config.batch_size)  # 10 steps per epoch
+  assert (durations.steps_per_epoch, durations.total_steps, durations.warmup_steps) == (10, 50, 10)
+  lr = train.learning_rate_schedule(config, durations)
+  np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(30), lr(50)],
+                             [0.0, 0.2, 0.4, 0.4 * 0.5 * (1 + np.cos(np.pi * 0.5)), 0.0], atol=1e-6)
+  const = train.learning_rate_schedule(_tiny_config(learning_rate=0.1), config_lib.resolve_durations(
+      _tiny_config(learning_rate=0.1), 320))
+  assert float(const(0)) == pytest.approx(0.1) and float(const(9)) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd", "lars"])
+def test_each_optimizer_takes_a_finite_step(name):
+  config = _tiny_config(optimizer=name, learning_rate=0.01 if name != "lars" else 0.1)
+  state, metrics = _run(config, jax.devices(), _batch(config))
+  assert bool(metrics["finite"]) and int(state.step) == 1
+
+
+def test_lars_matches_optax_reference_on_one_step():
+  config = _tiny_config(optimizer="lars", learning_rate=0.1, weight_decay=1e-4)
+  tx = train.make_optimizer(config, optax.constant_schedule(0.1))
+  params = {"w": jnp.ones((3, 3)), "b": jnp.ones((3,))}
+  grads = {"w": jnp.full((3, 3), 0.5), "b": jnp.full((3,), 0.5)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # LARS (You et al.): trust ratio eta ||w|| / ||g + wd w||, eta = 0.001 as in
+  # SimCLR, on kernels only; biases get plain momentum SGD without decay.
+  w_norm, g_norm = 3.0, np.linalg.norm(np.full((3, 3), 0.5 + 1e-4))
+  np.testing.assert_allclose(updates["w"], -0.1 * 0.001 * (w_norm / g_norm) * (0.5 + 1e-4), rtol=1e-5)
+  np.testing.assert_allclose(updates["b"], -0.1 * 0.5, rtol=1e-5)

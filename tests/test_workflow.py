@@ -1,0 +1,215 @@
+"""The program users run: main.py's one-line errors, resume, SIGTERM, corrupt
+checkpoints, two processes under jax.distributed, the report."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from care_jax import config_lib, input_pipeline
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = f"--config={ROOT / 'configs' / 'quickstart.py'}:smoke"
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not os.path.exists(os.path.join(input_pipeline.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
+    reason="Debian's dataset-fashion-mnist is not installed")
+
+
+def _env(devices: int = 8):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONPATH"] = str(ROOT)
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def _main(*args, devices: int = 8, timeout: int = 300, **popen):
+  return subprocess.run([sys.executable, "-m", "care_jax.main", *args], env=_env(devices), cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def _smoke_config(**overrides):
+  sys.path.insert(0, str(ROOT / "configs"))
+  try:
+    import quickstart  # noqa: PLC0415
+  finally:
+    sys.path.pop(0)
+  c = quickstart.get_config("smoke")
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def _losses(workdir) -> dict:
+  rows = [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+# ------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.batchsize=64", 'no field \'batchsize\'. Did you mean "batch_size"?'),
+    ("--config.equiv_splits=3", "batch_size=32 is not divisible by equiv_splits=3"),
+    ("--config.batch_size=36", "batch_size=36 is not divisible by the 8 devices"),
+    ("--config.equiv_splits=32", "chunks of 1 image"),
+    ("--config.equiv_splits=2", "straddle devices"),
+    ("--config.temperature=0.0", "temperature=0.0 must be a finite number > 0"),
+    ("--config.learning_rate=-1.0", "learning_rate=-1.0 must be a finite number > 0"),
+    ("--config.batch_size=-8", "batch_size=-8 must be a number >= 1"),
+    ("--config.model=resnet19", 'model=\'resnet19\' is not known; choose one of resnet18, resnet34, resnet50. '
+                                'Did you mean "resnet18"?'),
+    ("--config.optimizer=adamw", "optimizer='adamw' is not known; choose one of adam, sgd, lars"),
+    ("--config.dataset=cifar11", "dataset='cifar11' is not known"),
+    ("--config.batch_size=abc", "--config.batch_size=abc"),
+])
+def test_bad_config_is_one_line_and_nonzero(tmp_path, override, expected):
+  started = time.perf_counter()
+  result = _main(SMOKE, f"--workdir={tmp_path / 'run'}", override)
+  assert result.returncode != 0
+  lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+  assert "Traceback" not in result.stderr, result.stderr
+  assert expected in lines[-1], result.stderr
+  assert time.perf_counter() - started < 60
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unwritable_workdir_is_one_line(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  result = _main(SMOKE, f"--workdir={blocker / 'run'}")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "is not writable" in result.stderr.strip().splitlines()[-1]
+
+
+def test_validate_accepts_every_shipped_config():
+  for path in sorted((ROOT / "configs").glob("*.py")):
+    namespace = {}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - our own config files.
+    config = namespace["get_config"]()
+    assert set(config.keys()) == set(config_lib.default_config().keys()), path.name
+    config_lib.validate(config, num_devices=1)
+
+
+# ------------------------------------------------------------------ runs
+
+@needs_fashion_mnist
+def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tmp_path):
+  from care_jax import train
+  config = _smoke_config(num_train_steps=6, checkpoint_every_steps=2, final_eval=False)
+  train.train_and_evaluate(config, str(tmp_path / "straight"))
+  first = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=3)
+  assert first == {"step": 3, "status": "stopped"}
+  assert (tmp_path / "resumed" / "checkpoints" / "3").is_dir()
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+  assert sorted(resumed) == list(range(1, 7))
+  assert resumed == straight  # exact: same batches, same state, same programs
+
+
+@needs_fashion_mnist
+def test_corrupt_latest_checkpoint_falls_back_and_temporary_dirs_are_cleaned(tmp_path, capfd):
+  from care_jax import train
+  config = _smoke_config(num_train_steps=4, checkpoint_every_steps=2, final_eval=False)
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir))
+  ckpts = workdir / "checkpoints"
+  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2", "4"]
+  for f in (ckpts / "4").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  leftover = ckpts / "6.orbax-checkpoint-tmp"  # what a SIGKILL mid-save leaves
+  (leftover / "default").mkdir(parents=True)
+  (leftover / "default" / "junk").write_bytes(b"partial")
+  capfd.readouterr()
+  train.train_and_evaluate(_smoke_config(num_train_steps=6, checkpoint_every_steps=2, final_eval=False),
+                           str(workdir))
+  err = capfd.readouterr().err
+  assert "checkpoint at step 4 is unreadable" in err and "resumed from" in err and "(step 2)" in err
+  assert (workdir / "checkpoints_unreadable" / "4").is_dir()
+  assert not leftover.exists()
+  assert sorted(_losses(workdir)) == list(range(1, 7))
+  assert {p.name for p in ckpts.iterdir() if p.name.isdigit()} >= {"4", "6"}
+
+
+@needs_fashion_mnist
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, "-m", "care_jax.main", SMOKE, f"--workdir={workdir}",
+                           "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000"],
+                          env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 180
+  while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert "rerun the same command to resume" in err
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(saved) == 1 and saved[0] >= 3
+  result = _main(SMOKE, f"--workdir={workdir}", f"--config.num_train_steps={saved[0] + 2}",
+                 "--config.final_eval=False")
+  assert result.returncode == 0, result.stderr
+  assert f"(step {saved[0]})" in result.stderr
+  assert max(_losses(workdir)) == saved[0] + 2
+
+
+@needs_fashion_mnist
+def test_training_that_diverges_stops_with_one_line_and_keeps_checkpoints(tmp_path):
+  result = _main(SMOKE, f"--workdir={tmp_path / 'run'}", "--config.temperature=1e-30")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert "NaN/inf" in result.stderr.strip().splitlines()[-1]
+
+
+@needs_fashion_mnist
+def test_smoke_run_writes_report_metrics_tensorboard_and_plots(tmp_path):
+  from care_jax import train
+  workdir = tmp_path / "run"
+  report = train.train_and_evaluate(_smoke_config(eval_every_steps=2), str(workdir))
+  saved = json.loads((workdir / "report.json").read_text())
+  for key in ("knn_top1", "linear_probe_top1", "wahba_error_mean", "wahba_error_max", "relative_equivariance"):
+    assert np.isfinite(saved[key]) and saved[key] == report[key]
+  assert saved["knn"]["k"] == 20 and saved["knn"]["temperature"] == 0.5
+  assert len(saved["wahba_trials"]) == 3 and saved["wahba_error_max"] >= saved["wahba_error_mean"] > 0
+  assert 10.0 < saved["knn_top1"] <= 100.0  # 10 classes: above chance after 4 steps
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+  assert [r["step"] for r in rows if "knn_top1" in r] == [2, 4]  # the monitor, then the final report
+  for key in ("loss", "info_nce", "equivariance", "learning_rate", "images_per_sec", "embedding_std"):
+    assert key in rows[-2]
+  assert list(workdir.glob("events.out.tfevents.*"))
+  assert (workdir / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+  assert (workdir / "wahba_errors.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@needs_fashion_mnist
+def test_two_processes_with_jax_distributed_match_one_process(tmp_path):
+  common = [SMOKE, "--config.num_train_steps=3", "--config.final_eval=False", "--config.checkpoint_every_steps=0"]
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "care_jax.main", *common, f"--workdir={tmp_path / 'two'}",
+                             "--config.distributed=True", f"--config.coordinator_address=127.0.0.1:{port}",
+                             "--config.num_processes=2", f"--config.process_id={i}"],
+                            env=_env(devices=2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  one = _main(*common, f"--workdir={tmp_path / 'one'}", devices=4)
+  assert one.returncode == 0, one.stderr[-3000:]
+  two, single = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+  assert sorted(two) == sorted(single) == [1, 2, 3]
+  np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [single[s] for s in (1, 2, 3)], rtol=1e-5)
