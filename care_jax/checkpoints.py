@@ -29,16 +29,19 @@ def abstract_like(state):
 
 class Checkpointer:
 
-  def __init__(self, directory, keep: int, *, async_save: bool = True,
+  def __init__(self, directory, keep: int, *, async_save: bool = True, read_only: bool = False,
                log: Callable[[str], None] = print):
+    """read_only: for evaluating a run that may still be training (touches nothing)."""
     self.directory = epath.Path(directory)
     self._keep = keep
     self._async = async_save
+    self._read_only = read_only
     self._log = log
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True, cleanup_tmp_directories=True,
+    options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=not self._read_only,
+                                           cleanup_tmp_directories=not self._read_only, read_only=self._read_only,
                                            enable_async_checkpointing=self._async)
     return ocp.CheckpointManager(self.directory, options=options)
 
@@ -54,15 +57,18 @@ class Checkpointer:
       return  # Already saved (e.g. the final step equals a periodic one).
     self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
 
-  def restore_latest(self, like) -> Tuple[Any, Optional[int]]:
-    """(state, step) from the newest readable checkpoint, or (None, None) if none exist."""
-    steps = self.all_steps()
+  def restore_latest(self, like, at_most: Optional[int] = None) -> Tuple[Any, Optional[int]]:
+    """(state, step) from the newest readable checkpoint (<= at_most), or (None, None) if none exist."""
+    steps = [s for s in self.all_steps() if at_most is None or s <= at_most]
     for step in reversed(steps):
       try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_like(like)))
         return state, step
       except Exception as e:  # noqa: BLE001 - any unreadable file means: use the previous one.
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if self._read_only:
+          self._log(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {reason}); trying the previous one")
+          continue
         self._set_aside(step)
         self._log(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {reason}); "
                   f"moved it to {self._aside_dir() / str(step)} and trying the previous one")
@@ -92,5 +98,6 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    if not self._read_only:
+      self._manager.wait_until_finished()
     self._manager.close()

@@ -77,7 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.linear_probe_lr = 1e-3
   c.linear_probe_weight_decay = 1e-6
   c.linear_probe_batch_size = 512
+  c.linear_probe_seeds = 1  # probes with seeds seed, seed+1, ...: mean and std
   c.wahba_trials = 20
+  c.composition_trials = 10  # Corollary 1: pairs (a, b), ||R_{b o a} - R_b R_a||
   c.wahba_examples = 1000  # test images each sampled augmentation is applied to.
   c.random_init_baseline = False  # also report kNN / linear probe of the untrained encoder.
   # Multi-host: jax.distributed.initialize() when true (or JAX_COORDINATOR_ADDRESS is set).
@@ -128,6 +130,8 @@ def validate(config, num_devices: int = 1) -> None:
     _at_least(config, field, 0)
   _at_least(config, "keep_checkpoints", 1)
   _at_least(config, "linear_probe_batch_size", 1)
+  _at_least(config, "linear_probe_seeds", 1)
+  _at_least(config, "composition_trials", 0)
   for field in ("temperature", "learning_rate", "knn_temperature", "linear_probe_lr"):
     _positive(config, field)
   _choice(config, "optimizer", OPTIMIZERS)

@@ -17,6 +17,10 @@ report arrive as arrays.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import sys
+import time
 from typing import Callable, Iterable
 
 import jax
@@ -160,3 +164,239 @@ def summarize_trials(trials: list, n: int) -> dict:
 
 
 __all__ = ["extract_features", "knn_accuracy", "linear_probe", "wahba_trial", "summarize_trials", "to_host"]
+
+
+# ------------------------------------------------------------------ a run's report
+
+def colour_transforms(height: int, width: int) -> dict:
+  """Single transforms for the colour-sensitivity measure: colour ones and geometric/blur ones."""
+  from care_jax import input_pipeline  # noqa: PLC0415 (TensorFlow)
+  base = input_pipeline.identity_augmentation(height, width)
+  h, w = float(height), float(width)
+  return {
+      "colour": {"hue+0.1": {**base, "jitter": True, "hue": 0.1}, "hue-0.1": {**base, "jitter": True, "hue": -0.1},
+                 "grayscale": {**base, "grayscale": True}},
+      "other": {"crop-centre-half": {**base, "crop": [h / 4, w / 4, h / 2, w / 2]}, "flip": {**base, "flip": True},
+                "blur-sigma-1": {**base, "blur": True, "blur_sigma": 1.0}},
+  }
+
+
+class RunEvaluator:
+  """Evaluates a model's variables on the config's splits (process-sharded, masked).
+
+  Features are cached per (tag, split) in memory, so the kNN monitor, the probe
+  and the baseline reuse one extraction per checkpoint.
+  """
+
+  def __init__(self, config, model, mesh, log: Callable[[str], None] = print):
+    from care_jax import input_pipeline, train  # noqa: PLC0415 (TensorFlow; train imports us)
+    self._ip = input_pipeline
+    self.config = config
+    self.log = log
+    self.embed_fn = train.make_embed_fn(model, mesh)
+    self.to_global = train.global_batch_builder(mesh)
+    self.aug = input_pipeline.augment_config(config.dataset, config.image_size, config.equiv_crop)
+    self._data, self._features = {}, {}
+
+  def data(self, split: str):
+    split = split or self.config.train_split
+    if split not in self._data:
+      c = self.config
+      self._data[split] = self._ip.load_dataset(c.dataset, split, c.image_size, c.data_dir or None, c.download)
+    return self._data[split]
+
+  def add_data(self, split: str, data) -> None:
+    self._data[split] = data
+
+  def features(self, variables, tag, split: str, limit: int = 0):
+    key = (tag, split, limit)
+    if key not in self._features:
+      data = self.data(split)
+      if limit and limit < len(data.images):
+        data = type(data)(data.images[:limit], data.labels[:limit], data.num_classes)
+      batches = self._ip.eval_batches(data, global_batch=self.config.eval_batch_size, aug=self.aug,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+      self._features[key] = extract_features(self.embed_fn, variables, batches, self.to_global)
+    return self._features[key]
+
+  def forget(self, tag) -> None:
+    self._features = {k: v for k, v in self._features.items() if k[0] != tag}
+
+  def embed(self, variables, views: np.ndarray) -> np.ndarray:
+    """Unit embeddings f(x) of normalised float images; every process passes the same array."""
+    b = self.config.eval_batch_size
+    local = b // jax.process_count()
+    lo = jax.process_index() * local
+    out = []
+    for start in range(0, len(views), b):
+      chunk = views[start:start + b]
+      rows = len(chunk)
+      if rows < b:
+        chunk = np.concatenate([chunk, np.zeros((b - rows,) + chunk.shape[1:], chunk.dtype)])
+      _, z = self.embed_fn(variables, self.to_global(chunk[lo:lo + local]))
+      out.append(to_host(z)[:rows])
+    return np.concatenate(out)
+
+  # -- the pieces of the report
+
+  def knn(self, variables, tag, bank_limit: int = 0) -> dict:
+    c = self.config
+    bank_f, _, bank_y = self.features(variables, tag, c.eval_train_split or c.train_split, bank_limit)
+    test_f, _, test_y = self.features(variables, tag, c.test_split)
+    return knn_accuracy(bank_f, bank_y, test_f, test_y, num_classes=self.data(c.test_split).num_classes,
+                        k=c.knn_k, temperature=c.knn_temperature)
+
+  def linear_probe(self, variables, tag, seeds: int = 1) -> dict:
+    c = self.config
+    train_f, _, train_y = self.features(variables, tag, c.eval_train_split or c.train_split)
+    test_f, _, test_y = self.features(variables, tag, c.test_split)
+    runs = [linear_probe(train_f, train_y, test_f, test_y, num_classes=self.data(c.test_split).num_classes,
+                         epochs=c.linear_probe_epochs, learning_rate=c.linear_probe_lr,
+                         weight_decay=c.linear_probe_weight_decay, batch_size=c.linear_probe_batch_size,
+                         seed=c.seed + s) for s in range(max(1, seeds))]
+    top1 = np.array([r["top1"] for r in runs])
+    return {"top1": float(top1.mean()), "top1_std": float(top1.std()), "top5": float(np.mean([r["top5"] for r in runs])),
+            "seeds": [r["seed"] for r in runs], "top1_per_seed": top1.tolist(), "epochs": c.linear_probe_epochs}
+
+  def _subset(self):
+    test = self.data(self.config.test_split)
+    n = min(self.config.wahba_examples, len(test.images))
+    return test.images[:n]
+
+  def wahba(self, variables) -> dict:
+    """Per trial one augmentation applied to the whole subset: Wahba error and gamma_f."""
+    images = self._subset()
+    h, w = images.shape[1:3]
+    z = self.embed(variables, self._ip.normalized(images, self.aug))
+    trials = []
+    for trial in range(self.config.wahba_trials):
+      params = self._ip.sample_one_augmentation(self.config.seed, trial, h, w, self.aug)
+      z_aug = self.embed(variables, self._ip.apply_augmentation(images, params, self.aug))
+      trials.append({"trial": trial, "augmentation": params, **wahba_trial(z, z_aug)})
+    if not trials:
+      return {"wahba_error_mean": None, "wahba_error_max": None, "relative_equivariance": None}
+    return summarize_trials(trials, len(images))
+
+  def composition(self, variables) -> dict:
+    """Corollary 1: ||R_{b o a} - R_b R_a||_F / (2 sqrt(d)) for pairs of sampled augmentations."""
+    images = self._subset()
+    h, w = images.shape[1:3]
+    z = self.embed(variables, self._ip.normalized(images, self.aug))
+    pairs = []
+    for pair in range(self.config.composition_trials):
+      a = self._ip.sample_one_augmentation(self.config.seed + 1, 2 * pair, h, w, self.aug)
+      b = self._ip.sample_one_augmentation(self.config.seed + 1, 2 * pair + 1, h, w, self.aug)
+      view_a = self._ip.apply_augmentation(images, a, self.aug)
+      z_a = self.embed(variables, view_a)
+      z_b = self.embed(variables, self._ip.apply_augmentation(images, b, self.aug))
+      z_ba = self.embed(variables, self._ip.apply_augmentation(self._ip.to_uint8(view_a, self.aug), b, self.aug))
+      pairs.append(float(geometry.composition_error(z, z_a, z_ba, z_b)))
+    return {"composition_error_mean": float(np.mean(pairs)) if pairs else None, "composition_errors": pairs}
+
+  def colour_sensitivity(self, variables) -> dict:
+    """Mean squared embedding displacement ||f(t x) - f(x)||^2 per single transform t.
+
+    colour_sensitivity = mean over colour transforms (hue +-0.1, grayscale) /
+    mean over other transforms (centre crop of half the side, flip, blur sigma 1).
+    Higher = colour moves the embedding more, relative to geometry: the paper's
+    claim is that CARE keeps colour information SimCLR discards. Grey data
+    (Fashion-MNIST) gives 0 by construction: hue and grayscale do not change it.
+    """
+    images = self._subset()
+    z = self.embed(variables, self._ip.normalized(images, self.aug))
+    moved = {}
+    for family, transforms in colour_transforms(*images.shape[1:3]).items():
+      for name, params in transforms.items():
+        z_t = self.embed(variables, self._ip.apply_augmentation(images, params, self.aug))
+        moved[name] = float(np.mean(np.sum((z_t - z) ** 2, axis=1)))
+    groups = colour_transforms(*images.shape[1:3])
+    colour = np.mean([moved[k] for k in groups["colour"]])
+    other = np.mean([moved[k] for k in groups["other"]])
+    return {"colour_sensitivity": float(colour / other) if other > 0 else None, "displacement": moved}
+
+  def report(self, variables, tag, random_init_variables=None) -> dict:
+    """Everything report.json holds, computed on the test split."""
+    c = self.config
+    started = time.perf_counter()
+    knn = self.knn(variables, tag)
+    probe = self.linear_probe(variables, tag, c.linear_probe_seeds)
+    self.log(f"kNN top-1 {knn['top1']:.2f}%, linear probe top-1 {probe['top1']:.2f}% "
+             f"({time.perf_counter() - started:.0f} s)")
+    report = {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn": knn,
+              "linear_probe_top1": probe["top1"], "linear_probe_top5": probe["top5"], "linear_probe": probe}
+    report.update(self.wahba(variables))
+    report.update(self.composition(variables))
+    report.update(self.colour_sensitivity(variables))
+    if random_init_variables is not None:
+      r_knn = self.knn(random_init_variables, "random_init")
+      r_probe = self.linear_probe(random_init_variables, "random_init", c.linear_probe_seeds)
+      self.forget("random_init")
+      report["random_init"] = {"knn_top1": r_knn["top1"], "linear_probe_top1": r_probe["top1"]}
+      self.log(f"random-init encoder: kNN top-1 {r_knn['top1']:.2f}%, linear probe top-1 {r_probe['top1']:.2f}%")
+    report["eval_seconds"] = time.perf_counter() - started
+    return report
+
+
+# ------------------------------------------------------------------ command line
+
+def evaluate_workdir(workdir: str, step: int | None = None, overrides: dict | None = None,
+                     log: Callable[[str], None] = print) -> dict:
+  """Restores a run's latest (or <= step) checkpoint read-only and writes report.json + figures."""
+  from etils import epath  # noqa: PLC0415
+
+  from care_jax import checkpoints, config_lib, plots, train  # noqa: PLC0415
+  workdir = epath.Path(workdir)
+  if not (workdir / "config.json").exists():
+    raise config_lib.ConfigError(f"workdir={str(workdir)!r} has no config.json; point --workdir at a training run")
+  config = config_lib.default_config()
+  config.update(json.loads((workdir / "config.json").read_text()))
+  for key, value in (overrides or {}).items():
+    config[key] = value
+  mesh = train.make_mesh()
+  config_lib.validate(config, jax.device_count())
+  model = train.build_model(config)
+  like = train.create_train_state(model, train.make_optimizer(config, optax.constant_schedule(0.0)), config, mesh)
+  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, read_only=True, log=log)
+  state, restored_step = ckpt.restore_latest(like, at_most=step)
+  ckpt.close()
+  if state is None:
+    raise config_lib.ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; wait for the first save")
+  log(f"evaluating {workdir / 'checkpoints' / str(restored_step)}")
+  evaluator = RunEvaluator(config, model, mesh, log=log)
+  baseline = None
+  if config.random_init_baseline:
+    baseline = train.variables_of(train.create_train_state(model, optax.identity(), config, mesh))
+  report = evaluator.report(train.variables_of(state), restored_step, baseline)
+  report["step"] = int(restored_step)
+  if jax.process_index() == 0:
+    (workdir / "report.json").write_text(json.dumps(report, indent=2))
+    plots.write_plots(workdir, report)
+  return report
+
+
+def main(argv) -> None:
+  from absl import flags, logging  # noqa: PLC0415
+
+  from care_jax import config_lib  # noqa: PLC0415
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  overrides = {k: getattr(f, k) for k in ("linear_probe_seeds", "wahba_trials", "composition_trials")
+               if getattr(f, k) is not None}
+  try:
+    report = evaluate_workdir(f.workdir, f.step, overrides, log=lambda m: print(m, file=sys.stderr, flush=True))
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}, indent=1))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
+  flags.DEFINE_integer("step", None, "Evaluate the newest checkpoint at or before this step (default: latest).")
+  flags.DEFINE_integer("linear_probe_seeds", None, "Override: number of linear-probe seeds.")
+  flags.DEFINE_integer("wahba_trials", None, "Override: sampled augmentations in the Wahba report.")
+  flags.DEFINE_integer("composition_trials", None, "Override: augmentation pairs in the Corollary-1 report.")
+  app.run(main)

@@ -262,13 +262,31 @@ def normalized(images: np.ndarray, aug: augment.AugmentConfig) -> np.ndarray:
           / np.asarray(aug.std, np.float32))
 
 
-def shared_augmentation(images: np.ndarray, seed: int, trial: int, aug: augment.AugmentConfig):
-  """ONE augmentation drawn from (seed, trial) applied to every image (Wahba report).
+def sample_one_augmentation(seed: int, trial: int, height: int, width: int, aug: augment.AugmentConfig) -> dict:
+  """The parameters of ONE augmentation drawn from (seed, trial), as Python values."""
+  params = augment.sample_params(augment.view_seed(seed, trial, 0), 1, height, width, aug)
+  return {k: np.asarray(v)[0].tolist() for k, v in params.items()}
 
-  Returns (views float32 [N, S, S, 3], the augmentation's parameters as Python values).
-  """
-  h, w = images.shape[1], images.shape[2]
-  params = augment.sample_params(augment.view_seed(seed, trial, 0), 1, h, w, aug)
-  views = augment.apply(tf.constant(images), augment.repeat_params(params, len(images)), aug)
-  described = {k: np.asarray(v)[0].tolist() for k, v in params.items()}
-  return views.numpy(), described
+
+def identity_augmentation(height: int, width: int) -> dict:
+  """Parameters that change nothing (override fields to get one transform alone)."""
+  return {"crop": [0.0, 0.0, float(height), float(width)], "flip": False, "jitter": False, "brightness": 1.0,
+          "contrast": 1.0, "saturation": 1.0, "jitter_order": [0, 1, 2, 3], "hue": 0.0, "grayscale": False,
+          "blur": False, "blur_sigma": 1.0}
+
+
+_PARAM_DTYPES = {"crop": tf.float32, "flip": tf.bool, "jitter": tf.bool, "brightness": tf.float32,
+                 "contrast": tf.float32, "saturation": tf.float32, "jitter_order": tf.int32, "hue": tf.float32,
+                 "grayscale": tf.bool, "blur": tf.bool, "blur_sigma": tf.float32}
+
+
+def apply_augmentation(images: np.ndarray, params: dict, aug: augment.AugmentConfig) -> np.ndarray:
+  """One augmentation (Python-valued params) applied to every uint8 image -> normalised float32."""
+  batched = {k: tf.repeat(tf.constant([v], _PARAM_DTYPES[k]), len(images), axis=0) for k, v in params.items()}
+  return augment.apply(tf.constant(images), batched, aug).numpy()
+
+
+def to_uint8(views: np.ndarray, aug: augment.AugmentConfig) -> np.ndarray:
+  """Undoes the normalisation of views (to augment them again, e.g. b after a)."""
+  x = views * np.asarray(aug.std, np.float32) + np.asarray(aug.mean, np.float32)
+  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)

@@ -7,6 +7,7 @@ the field and the fix, and a non-zero exit status.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -57,6 +58,7 @@ def main(argv):
           f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING lines.
   import jax  # After flag parsing, so --help stays fast.
   from care_jax import checkpoints, train
   train.maybe_initialize_distributed(config)

@@ -67,6 +67,7 @@ def write_plots(workdir, report: dict) -> list:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar([t["trial"] for t in trials], [t["wahba_error"] for t in trials], color="C0")
     ax.axhline(report["wahba_error_mean"], color="k", linestyle="--", label=f"mean {report['wahba_error_mean']:.3f}")
+    ax.set_xticks([t["trial"] for t in trials])
     ax.set_xlabel("sampled augmentation (trial)")
     ax.set_ylabel("Wahba error  min_R ||R F - F_a||_F")
     ax.set_title(f"Wahba error per augmentation ({report['wahba_examples']} test images each)")

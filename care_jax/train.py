@@ -239,9 +239,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   config_lib.validate(config, jax.device_count())
   is_chief = jax.process_index() == 0
 
-  load = lambda split: input_pipeline.load_dataset(config.dataset, split, config.image_size,
-                                                   config.data_dir or None, config.download)
-  train_data = load(config.train_split)
+  train_data = input_pipeline.load_dataset(config.dataset, config.train_split, config.image_size,
+                                           config.data_dir or None, config.download)
   durations = config_lib.resolve_durations(config, len(train_data.images))
   aug = input_pipeline.augment_config(config.dataset, config.image_size, config.equiv_crop)
 
@@ -262,20 +261,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
 
   to_global = global_batch_builder(mesh)
   p_train_step = compile_train_step(make_train_step(model, tx, config, schedule), mesh)
-  embed_fn = make_embed_fn(model, mesh)
-  eval_data = {}
-
-  def labelled(split):  # Evaluation splits, read on first use.
-    split = split or config.train_split
-    if split not in eval_data:
-      eval_data[split] = train_data if split == config.train_split else load(split)
-    return eval_data[split]
-
-  def knn_monitor(state) -> dict:
-    bank = labelled(config.eval_train_split)
-    if config.knn_monitor_examples:
-      bank = _subset(bank, config.knn_monitor_examples)
-    return _knn_eval(config, embed_fn, _variables(state), bank, labelled(config.test_split), aug, to_global)
+  evaluator = evaluate.RunEvaluator(config, model, mesh, log=writer.note)
+  evaluator.add_data(config.train_split, train_data)
 
   views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
   last_step = durations.total_steps if stop_at_step is None else min(stop_at_step, durations.total_steps)
@@ -314,7 +301,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
         writer.progress(step, scalars["loss"], scalars["images_per_sec"], per_step)
         window_start, window_steps = time.perf_counter(), 0
       if config.eval_every_steps and step % config.eval_every_steps == 0 and step != last_step:
-        knn = knn_monitor(state)
+        knn = evaluator.knn(variables_of(state), step, config.knn_monitor_examples)
+        evaluator.forget(step)
         writer.write(step, {"knn_top1": knn["top1"], "knn_top5": knn["top5"]})
         writer.note(f"step {step}: kNN top-1 {knn['top1']:.2f}% (k={knn['k']}, T={knn['temperature']})")
         window_start, window_steps = time.perf_counter(), 0
@@ -344,8 +332,10 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
     writer.close()
     return {"step": step, "status": status}
 
-  report = final_report(config, state, model, embed_fn, labelled(config.eval_train_split),
-                        labelled(config.test_split), aug, to_global, writer, mesh)
+  baseline = None
+  if config.random_init_baseline:
+    baseline = variables_of(create_train_state(model, optax.identity(), config, mesh))
+  report = evaluator.report(variables_of(state), step, baseline)
   report["step"] = step
   if is_chief:
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
@@ -370,7 +360,7 @@ def _check_finite(step: int, metrics: dict, last_good_save) -> None:
         f"last good checkpoint: {where}. Lower learning_rate or raise temperature, then rerun to resume")
 
 
-def _variables(state: TrainState) -> dict:
+def variables_of(state: TrainState) -> dict:
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
@@ -378,87 +368,3 @@ def _subset(data, n: int):
   if n >= len(data.images):
     return data
   return type(data)(data.images[:n], data.labels[:n], data.num_classes)
-
-
-def _features(config, embed_fn, variables, data, aug, to_global):
-  from care_jax import input_pipeline
-  batches = input_pipeline.eval_batches(data, global_batch=config.eval_batch_size, aug=aug,
-                                        process_index=jax.process_index(), process_count=jax.process_count())
-  return evaluate.extract_features(embed_fn, variables, batches, to_global)
-
-
-def _knn_eval(config, embed_fn, variables, bank, test, aug, to_global) -> dict:
-  bank_f, _, bank_y = _features(config, embed_fn, variables, bank, aug, to_global)
-  test_f, _, test_y = _features(config, embed_fn, variables, test, aug, to_global)
-  return evaluate.knn_accuracy(bank_f, bank_y, test_f, test_y, num_classes=bank.num_classes, k=config.knn_k,
-                               temperature=config.knn_temperature)
-
-
-def _embed_array(config, embed_fn, variables, images: np.ndarray, to_global) -> np.ndarray:
-  """Projections of normalised float images, every process passing the same array."""
-  b = config.eval_batch_size
-  out = []
-  lo, hi = _local_rows(b)
-  for start in range(0, len(images), b):
-    chunk = images[start:start + b]
-    rows = len(chunk)
-    if rows < b:
-      chunk = np.concatenate([chunk, np.zeros((b - rows,) + chunk.shape[1:], chunk.dtype)])
-    _, z = embed_fn(variables, to_global(chunk[lo:hi]))
-    out.append(evaluate.to_host(z)[:rows])
-  return np.concatenate(out)
-
-
-def _local_rows(global_batch: int):
-  local = global_batch // jax.process_count()
-  return jax.process_index() * local, (jax.process_index() + 1) * local
-
-
-def final_report(config, state, model, embed_fn, train_data, test_data, aug, to_global, writer,
-                 mesh: Mesh) -> dict:
-  """kNN, linear probe and Wahba/gamma_f on the test split -> the report dict."""
-  from care_jax import input_pipeline
-  variables = _variables(state)
-  started = time.perf_counter()
-  train_f, _, train_y = _features(config, embed_fn, variables, train_data, aug, to_global)
-  test_f, _, test_y = _features(config, embed_fn, variables, test_data, aug, to_global)
-  knn = evaluate.knn_accuracy(train_f, train_y, test_f, test_y, num_classes=train_data.num_classes,
-                              k=config.knn_k, temperature=config.knn_temperature)
-  probe = evaluate.linear_probe(train_f, train_y, test_f, test_y, num_classes=train_data.num_classes,
-                                epochs=config.linear_probe_epochs, learning_rate=config.linear_probe_lr,
-                                weight_decay=config.linear_probe_weight_decay,
-                                batch_size=config.linear_probe_batch_size, seed=config.seed)
-  writer.note(f"kNN top-1 {knn['top1']:.2f}%, linear probe top-1 {probe['top1']:.2f}% "
-              f"({time.perf_counter() - started:.0f} s)")
-  report = {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn": knn,
-            "linear_probe_top1": probe["top1"], "linear_probe_top5": probe["top5"], "linear_probe": probe}
-
-  n = min(config.wahba_examples, len(test_data.images))
-  subset = test_data.images[:n]
-  z = _embed_array(config, embed_fn, variables, input_pipeline.normalized(subset, aug), to_global)
-  trials = []
-  for trial in range(config.wahba_trials):
-    views, params = input_pipeline.shared_augmentation(subset, config.seed, trial, aug)
-    z_aug = _embed_array(config, embed_fn, variables, views, to_global)
-    trials.append({"trial": trial, "augmentation": params, **evaluate.wahba_trial(z, z_aug)})
-  if trials:
-    report.update(evaluate.summarize_trials(trials, n))
-  else:
-    report.update(wahba_error_mean=None, wahba_error_max=None, relative_equivariance=None)
-
-  if config.random_init_baseline:
-    init = create_train_state(model, optax.identity(), config, mesh)
-    init_vars = _variables(init)
-    r_train_f, _, _ = _features(config, embed_fn, init_vars, train_data, aug, to_global)
-    r_test_f, _, _ = _features(config, embed_fn, init_vars, test_data, aug, to_global)
-    r_knn = evaluate.knn_accuracy(r_train_f, train_y, r_test_f, test_y, num_classes=train_data.num_classes,
-                                  k=config.knn_k, temperature=config.knn_temperature)
-    r_probe = evaluate.linear_probe(r_train_f, train_y, r_test_f, test_y, num_classes=train_data.num_classes,
-                                    epochs=config.linear_probe_epochs, learning_rate=config.linear_probe_lr,
-                                    weight_decay=config.linear_probe_weight_decay,
-                                    batch_size=config.linear_probe_batch_size, seed=config.seed)
-    report["random_init"] = {"knn_top1": r_knn["top1"], "linear_probe_top1": r_probe["top1"]}
-    writer.note(f"random-init encoder: kNN top-1 {r_knn['top1']:.2f}%, linear probe top-1 {r_probe['top1']:.2f}%")
-  report["eval_seconds"] = time.perf_counter() - started
-  return report
-

@@ -44,6 +44,7 @@ def get_config(preset: str = ""):
     c.knn_monitor_examples = 512
     c.linear_probe_epochs = 2
     c.wahba_trials = 3
+    c.composition_trials = 2
     c.wahba_examples = 64
     c.random_init_baseline = False
   elif preset:

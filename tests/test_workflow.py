@@ -188,6 +188,18 @@ def test_smoke_run_writes_report_metrics_tensorboard_and_plots(tmp_path):
   assert list(workdir.glob("events.out.tfevents.*"))
   assert (workdir / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
   assert (workdir / "wahba_errors.png").read_bytes()[:4] == b"\x89PNG"
+  # Grey images: hue shifts and grayscale change nothing, so colour moves nothing.
+  assert saved["colour_sensitivity"] < 1e-6 and saved["displacement"]["flip"] > 1e-4
+  assert len(saved["composition_errors"]) == 2 and 0 < saved["composition_error_mean"] <= 1
+
+  # The evaluation CLI path restores the checkpoint (read-only) and must agree
+  # with the in-memory evaluation at the end of training.
+  from care_jax import evaluate
+  again = evaluate.evaluate_workdir(str(workdir), overrides={"linear_probe_seeds": 2})
+  assert again["step"] == 4
+  for key in ("knn_top1", "wahba_error_mean", "relative_equivariance", "composition_error_mean"):
+    assert again[key] == pytest.approx(report[key], rel=1e-5)
+  assert again["linear_probe"]["seeds"] == [0, 1] and len(again["linear_probe"]["top1_per_seed"]) == 2
 
 
 def _free_port() -> int:
