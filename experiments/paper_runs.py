@@ -1,0 +1,132 @@
+"""Shared harness of the figure scripts: one pretraining run per variant, reused.
+
+A variant is (objective, equiv_weight) on top of a scale's base config:
+  smoke  the quickstart smoke preset (seconds; tests)
+  small  the quickstart model on the embedded Fashion-MNIST, CPU-sized
+  paper  the release's CIFAR-10 settings (configs/cifar10_*.py), needs tfds data
+         (--data_dir) and an accelerator
+Runs land in experiments/results/runs/<scale>/<variant>/; a run whose report.json
+exists is reused, so fig3 and fig4 share their CARE and SimCLR runs, and an
+interrupted script resumes from the runs' checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from care_jax import config_lib  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+VARIANTS = {
+    "simclr": {"objective": "simclr", "equiv_weight": 0.0},
+    "care": {"objective": "care"},  # the scale's lambda
+    "equi_unif": {"objective": "equi_unif", "equiv_weight": 1.0},
+}
+
+
+def _load_config(name: str, preset: str = ""):
+  namespace = {}
+  path = ROOT / "configs" / f"{name}.py"
+  exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - our config files
+  return namespace["get_config"](preset) if preset else namespace["get_config"]()
+
+
+def base_config(scale: str):
+  if scale == "smoke":
+    return _load_config("quickstart", "smoke")
+  if scale == "small":
+    c = _load_config("quickstart")
+    c.num_train_steps = 240  # three variants within the 30-minute budget on 2 cores
+    c.linear_probe_seeds = 3
+    c.random_init_baseline = False
+    return c
+  if scale == "paper":
+    c = _load_config("cifar10_care")
+    c.linear_probe_seeds = 5
+    return c
+  raise ValueError(f"--scale={scale!r}: use smoke, small or paper")
+
+
+def variant_config(scale: str, variant: str, seed: int = 0, **overrides):
+  c = base_config(scale)
+  for k, v in {**VARIANTS[variant], "seed": seed, **overrides}.items():
+    c[k] = v
+  return c
+
+
+def run_variant(scale: str, variant: str, *, seed: int = 0, data_dir: str = "") -> dict:
+  """Pretrains + evaluates one variant (or reuses its finished run); returns its report."""
+  from care_jax import train  # noqa: PLC0415
+  workdir = RESULTS / "runs" / scale / f"{variant}-seed{seed}"
+  report_path = workdir / "report.json"
+  if report_path.exists():
+    print(f"reusing {report_path}", file=sys.stderr)
+    return json.loads(report_path.read_text())
+  config = variant_config(scale, variant, seed, **({"data_dir": data_dir} if data_dir else {}))
+  config_lib.validate(config, _device_count())
+  print(f"pretraining {variant} ({scale}) into {workdir}", file=sys.stderr)
+  return train.train_and_evaluate(config, str(workdir))
+
+
+def random_init_report(scale: str, data_dir: str = "") -> dict:
+  """kNN and linear probe of the untrained encoder (the scale's architecture and seed 0)."""
+  import jax  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  from care_jax import evaluate, train  # noqa: PLC0415
+  path = RESULTS / "runs" / scale / "random_init.json"
+  if path.exists():
+    return json.loads(path.read_text())
+  config = variant_config(scale, "care", 0, **({"data_dir": data_dir} if data_dir else {}))
+  mesh = train.make_mesh()
+  model = train.build_model(config)
+  variables = train.variables_of(train.create_train_state(model, optax.identity(), config, mesh))
+  evaluator = evaluate.RunEvaluator(config, model, mesh, log=lambda m: print(m, file=sys.stderr))
+  knn = evaluator.knn(variables, "random_init")
+  probe = evaluator.linear_probe(variables, "random_init", config.linear_probe_seeds)
+  result = {"knn_top1": knn["top1"], "linear_probe_top1": probe["top1"], "std": probe["top1_std"],
+            "devices": jax.device_count()}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=2))
+  return result
+
+
+def _device_count() -> int:
+  import jax  # noqa: PLC0415
+  return jax.device_count()
+
+
+def parse_args(description: str):
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--scale", choices=("smoke", "small", "paper"), default="small")
+  parser.add_argument("--data_dir", default="", help="tfds data_dir for --scale=paper")
+  parser.add_argument("--out", default="", help="results folder (default experiments/results/<figure>)")
+  return parser.parse_args()
+
+
+def out_dir(args, figure: str) -> pathlib.Path:
+  path = pathlib.Path(args.out) if args.out else RESULTS / figure
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def pyplot():
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  return plt
+
+
+def settings(scale: str) -> dict:
+  c = base_config(scale)
+  return {k: c[k] for k in ("dataset", "model", "model_width", "image_size", "batch_size", "num_train_steps",
+                            "num_epochs", "optimizer", "learning_rate", "temperature", "equiv_weight",
+                            "equiv_splits", "linear_probe_epochs", "linear_probe_seeds", "wahba_trials",
+                            "wahba_examples")}
