@@ -185,10 +185,12 @@ class RunEvaluator:
   """Evaluates a model's variables on the config's splits (process-sharded, masked).
 
   Features are cached per (tag, split) in memory, so the kNN monitor, the probe
-  and the baseline reuse one extraction per checkpoint.
+  and the baseline reuse one extraction per checkpoint; with `cache_dir`, those
+  of a checkpoint step are also kept on disk (cache_dir/step_<N>/<split>.npz),
+  so a later `python -m care_jax.evaluate` of the same checkpoint skips them.
   """
 
-  def __init__(self, config, model, mesh, log: Callable[[str], None] = print):
+  def __init__(self, config, model, mesh, log: Callable[[str], None] = print, cache_dir=None):
     from care_jax import input_pipeline, train  # noqa: PLC0415 (TensorFlow; train imports us)
     self._ip = input_pipeline
     self.config = config
@@ -197,6 +199,7 @@ class RunEvaluator:
     self.to_global = train.global_batch_builder(mesh)
     self.aug = input_pipeline.augment_config(config.dataset, config.image_size, config.equiv_crop)
     self._data, self._features = {}, {}
+    self._cache_dir = cache_dir
 
   def data(self, split: str):
     split = split or self.config.train_split
@@ -210,13 +213,28 @@ class RunEvaluator:
 
   def features(self, variables, tag, split: str, limit: int = 0):
     key = (tag, split, limit)
-    if key not in self._features:
-      data = self.data(split)
-      if limit and limit < len(data.images):
-        data = type(data)(data.images[:limit], data.labels[:limit], data.num_classes)
-      batches = self._ip.eval_batches(data, global_batch=self.config.eval_batch_size, aug=self.aug,
-                                      process_index=jax.process_index(), process_count=jax.process_count())
-      self._features[key] = extract_features(self.embed_fn, variables, batches, self.to_global)
+    if key in self._features:
+      return self._features[key]
+    on_disk = None
+    if self._cache_dir is not None and isinstance(tag, int):
+      safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{split}-{limit}")
+      on_disk = self._cache_dir / f"step_{tag}" / f"{safe}.npz"
+      if on_disk.exists():
+        with on_disk.open("rb") as f:
+          cached = np.load(f)
+          self._features[key] = (cached["features"], cached["projections"], cached["labels"])
+        return self._features[key]
+    data = self.data(split)
+    if limit and limit < len(data.images):
+      data = type(data)(data.images[:limit], data.labels[:limit], data.num_classes)
+    batches = self._ip.eval_batches(data, global_batch=self.config.eval_batch_size, aug=self.aug,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+    self._features[key] = extract_features(self.embed_fn, variables, batches, self.to_global)
+    if on_disk is not None and jax.process_index() == 0:
+      on_disk.parent.mkdir(parents=True, exist_ok=True)
+      f, z, y = self._features[key]
+      with on_disk.open("wb") as out:
+        np.savez(out, features=f, projections=z, labels=y)
     return self._features[key]
 
   def forget(self, tag) -> None:
@@ -362,7 +380,7 @@ def evaluate_workdir(workdir: str, step: int | None = None, overrides: dict | No
   if state is None:
     raise config_lib.ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; wait for the first save")
   log(f"evaluating {workdir / 'checkpoints' / str(restored_step)}")
-  evaluator = RunEvaluator(config, model, mesh, log=log)
+  evaluator = RunEvaluator(config, model, mesh, log=log, cache_dir=workdir / "features")
   baseline = None
   if config.random_init_baseline:
     baseline = train.variables_of(train.create_train_state(model, optax.identity(), config, mesh))

@@ -261,7 +261,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
 
   to_global = global_batch_builder(mesh)
   p_train_step = compile_train_step(make_train_step(model, tx, config, schedule), mesh)
-  evaluator = evaluate.RunEvaluator(config, model, mesh, log=writer.note)
+  # Final-report features go to workdir/features for later evaluations of the checkpoint.
+  evaluator = evaluate.RunEvaluator(config, model, mesh, log=writer.note, cache_dir=workdir / "features")
   evaluator.add_data(config.train_split, train_data)
 
   views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
@@ -301,8 +302,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
         writer.progress(step, scalars["loss"], scalars["images_per_sec"], per_step)
         window_start, window_steps = time.perf_counter(), 0
       if config.eval_every_steps and step % config.eval_every_steps == 0 and step != last_step:
-        knn = evaluator.knn(variables_of(state), step, config.knn_monitor_examples)
-        evaluator.forget(step)
+        knn = evaluator.knn(variables_of(state), ("monitor", step), config.knn_monitor_examples)
+        evaluator.forget(("monitor", step))
         writer.write(step, {"knn_top1": knn["top1"], "knn_top5": knn["top5"]})
         writer.note(f"step {step}: kNN top-1 {knn['top1']:.2f}% (k={knn['k']}, T={knn['temperature']})")
         window_start, window_steps = time.perf_counter(), 0

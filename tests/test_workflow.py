@@ -195,6 +195,7 @@ def test_smoke_run_writes_report_metrics_tensorboard_and_plots(tmp_path):
   # The evaluation CLI path restores the checkpoint (read-only) and must agree
   # with the in-memory evaluation at the end of training.
   from care_jax import evaluate
+  assert sorted(p.name for p in (workdir / "features" / "step_4").iterdir()) == ["test-0.npz", "train-0.npz"]
   again = evaluate.evaluate_workdir(str(workdir), overrides={"linear_probe_seeds": 2})
   assert again["step"] == 4
   for key in ("knn_top1", "wahba_error_mean", "relative_equivariance", "composition_error_mean"):
