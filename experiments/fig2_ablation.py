@@ -26,7 +26,7 @@ def main():
   (out / "fig2_ablation.json").write_text(json.dumps(result, indent=2))
   plt = paper_runs.pyplot()
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  labels = ["random init", "L_equi + L_unif", "SimCLR", "CARE"]
+  labels = ["random\ninit", "L_equi +\nL_unif", "SimCLR", "CARE"]
   values = [random_init["linear_probe_top1"]] + [result[v]["linear_probe_top1"] for v in ("equi_unif", "simclr", "care")]
   errs = [random_init["std"]] + [result[v]["std"] for v in ("equi_unif", "simclr", "care")]
   ax.bar(labels, values, yerr=errs, color=["C7", "C2", "C1", "C0"], capsize=5)
