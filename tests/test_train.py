@@ -1,5 +1,7 @@
 """The train step against independent checks: 1 vs 8 devices, the guard, optimisers."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,13 +12,11 @@ from care_jax import config_lib, losses, train
 
 
 def _tiny_config(**overrides):
-  c = config_lib.default_config()
-  c.model_width = 0.0625
-  c.proj_hidden_dim = 32
-  c.proj_dim = 16
-  c.image_size = 16
-  c.batch_size = 32
-  c.equiv_splits = 8
+  """configs/quickstart.py:smoke (a 4-channel ResNet-18 on 16x16 images) with overrides."""
+  namespace = {}
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"
+  exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - our own config file.
+  c = namespace["get_config"]("smoke")
   c.num_train_steps = 10
   for k, v in overrides.items():
     c[k] = v
