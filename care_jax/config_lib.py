@@ -90,6 +90,14 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def load_config_file(path, preset: str = "") -> ml_collections.ConfigDict:
+  """get_config(preset) of a configs/*.py file, as --config=path:preset gives it (for scripts and tests)."""
+  namespace = {}
+  path = epath.Path(path)
+  exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - a config file is code.
+  return namespace["get_config"](preset) if preset else namespace["get_config"]()
+
+
 class ConfigError(ValueError):
   """A bad config value; str(error) is the one line shown to the user."""
 

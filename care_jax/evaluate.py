@@ -276,16 +276,20 @@ class RunEvaluator:
     return {"top1": float(top1.mean()), "top1_std": float(top1.std()), "top5": float(np.mean([r["top5"] for r in runs])),
             "seeds": [r["seed"] for r in runs], "top1_per_seed": top1.tolist(), "epochs": c.linear_probe_epochs}
 
-  def _subset(self):
+  def _subset(self, variables, tag):
+    """The first wahba_examples test images and their unaugmented embeddings.
+
+    The embeddings are the test features' projections (same normalisation, same
+    encoder), so the three geometry reports reuse the one extraction.
+    """
     test = self.data(self.config.test_split)
     n = min(self.config.wahba_examples, len(test.images))
-    return test.images[:n]
+    return test.images[:n], self.features(variables, tag, self.config.test_split)[1][:n]
 
-  def wahba(self, variables) -> dict:
+  def wahba(self, variables, tag) -> dict:
     """Per trial one augmentation applied to the whole subset: Wahba error and gamma_f."""
-    images = self._subset()
+    images, z = self._subset(variables, tag)
     h, w = images.shape[1:3]
-    z = self.embed(variables, self._ip.normalized(images, self.aug))
     trials = []
     for trial in range(self.config.wahba_trials):
       params = self._ip.sample_one_augmentation(self.config.seed, trial, h, w, self.aug)
@@ -295,11 +299,10 @@ class RunEvaluator:
       return {"wahba_error_mean": None, "wahba_error_max": None, "relative_equivariance": None}
     return summarize_trials(trials, len(images))
 
-  def composition(self, variables) -> dict:
+  def composition(self, variables, tag) -> dict:
     """Corollary 1: ||R_{b o a} - R_b R_a||_F / (2 sqrt(d)) for pairs of sampled augmentations."""
-    images = self._subset()
+    images, z = self._subset(variables, tag)
     h, w = images.shape[1:3]
-    z = self.embed(variables, self._ip.normalized(images, self.aug))
     pairs = []
     for pair in range(self.config.composition_trials):
       a = self._ip.sample_one_augmentation(self.config.seed + 1, 2 * pair, h, w, self.aug)
@@ -311,7 +314,7 @@ class RunEvaluator:
       pairs.append(float(geometry.composition_error(z, z_a, z_ba, z_b)))
     return {"composition_error_mean": float(np.mean(pairs)) if pairs else None, "composition_errors": pairs}
 
-  def colour_sensitivity(self, variables) -> dict:
+  def colour_sensitivity(self, variables, tag) -> dict:
     """Mean squared embedding displacement ||f(t x) - f(x)||^2 per single transform t.
 
     colour_sensitivity = mean over colour transforms (hue +-0.1, grayscale) /
@@ -320,14 +323,13 @@ class RunEvaluator:
     claim is that CARE keeps colour information SimCLR discards. Grey data
     (Fashion-MNIST) gives 0 by construction: hue and grayscale do not change it.
     """
-    images = self._subset()
-    z = self.embed(variables, self._ip.normalized(images, self.aug))
+    images, z = self._subset(variables, tag)
+    groups = colour_transforms(*images.shape[1:3])
     moved = {}
-    for family, transforms in colour_transforms(*images.shape[1:3]).items():
+    for transforms in groups.values():
       for name, params in transforms.items():
         z_t = self.embed(variables, self._ip.apply_augmentation(images, params, self.aug))
         moved[name] = float(np.mean(np.sum((z_t - z) ** 2, axis=1)))
-    groups = colour_transforms(*images.shape[1:3])
     colour = np.mean([moved[k] for k in groups["colour"]])
     other = np.mean([moved[k] for k in groups["other"]])
     return {"colour_sensitivity": float(colour / other) if other > 0 else None, "displacement": moved}
@@ -342,9 +344,9 @@ class RunEvaluator:
              f"({time.perf_counter() - started:.0f} s)")
     report = {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn": knn,
               "linear_probe_top1": probe["top1"], "linear_probe_top5": probe["top5"], "linear_probe": probe}
-    report.update(self.wahba(variables))
-    report.update(self.composition(variables))
-    report.update(self.colour_sensitivity(variables))
+    report.update(self.wahba(variables, tag))
+    report.update(self.composition(variables, tag))
+    report.update(self.colour_sensitivity(variables, tag))
     if random_init_variables is not None:
       r_knn = self.knn(random_init_variables, "random_init")
       r_probe = self.linear_probe(random_init_variables, "random_init", c.linear_probe_seeds)
@@ -362,7 +364,7 @@ def evaluate_workdir(workdir: str, step: int | None = None, overrides: dict | No
   """Restores a run's latest (or <= step) checkpoint read-only and writes report.json + figures."""
   from etils import epath  # noqa: PLC0415
 
-  from care_jax import checkpoints, config_lib, plots, train  # noqa: PLC0415
+  from care_jax import checkpoints, config_lib, train  # noqa: PLC0415
   workdir = epath.Path(workdir)
   if not (workdir / "config.json").exists():
     raise config_lib.ConfigError(f"workdir={str(workdir)!r} has no config.json; point --workdir at a training run")
@@ -381,15 +383,21 @@ def evaluate_workdir(workdir: str, step: int | None = None, overrides: dict | No
     raise config_lib.ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; wait for the first save")
   log(f"evaluating {workdir / 'checkpoints' / str(restored_step)}")
   evaluator = RunEvaluator(config, model, mesh, log=log, cache_dir=workdir / "features")
-  baseline = None
-  if config.random_init_baseline:
-    baseline = train.variables_of(train.create_train_state(model, optax.identity(), config, mesh))
+  baseline = train.random_init_variables(model, config, mesh) if config.random_init_baseline else None
   report = evaluator.report(train.variables_of(state), restored_step, baseline)
   report["step"] = int(restored_step)
-  if jax.process_index() == 0:
-    (workdir / "report.json").write_text(json.dumps(report, indent=2))
-    plots.write_plots(workdir, report)
+  write_report(workdir, report)
   return report
+
+
+def write_report(workdir, report: dict) -> None:
+  """workdir/report.json and the PNG figures (process 0 only)."""
+  from etils import epath  # noqa: PLC0415
+
+  from care_jax import plots  # noqa: PLC0415
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / "report.json").write_text(json.dumps(report, indent=2))
+    plots.write_plots(workdir, report)
 
 
 def main(argv) -> None:

@@ -113,7 +113,7 @@ def objective(config, z) -> tuple:
                           num_chunks=config.equiv_splits)
 
 
-def _global_norm_finite(tree) -> jax.Array:
+def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
@@ -139,7 +139,7 @@ def make_train_step(model, tx, config, schedule: optax.Schedule) -> Callable:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # NaN/inf guard: a bad step changes nothing (the host then stops the run).
-    finite = jnp.isfinite(loss) & _global_norm_finite(grads)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                               batch_stats=keep(batch_stats, state.batch_stats),
@@ -242,7 +242,6 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   train_data = input_pipeline.load_dataset(config.dataset, config.train_split, config.image_size,
                                            config.data_dir or None, config.download)
   durations = config_lib.resolve_durations(config, len(train_data.images))
-  aug = input_pipeline.augment_config(config.dataset, config.image_size, config.equiv_crop)
 
   model = build_model(config)
   schedule = learning_rate_schedule(config, durations)
@@ -268,7 +267,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
   last_step = durations.total_steps if stop_at_step is None else min(stop_at_step, durations.total_steps)
   batches = input_pipeline.pretraining_dataset(
-      train_data, seed=config.seed, global_batch=config.batch_size, num_chunks=config.equiv_splits, aug=aug,
+      train_data, seed=config.seed, global_batch=config.batch_size, num_chunks=config.equiv_splits,
+      aug=evaluator.aug,
       start_step=start_step, num_steps=max(0, last_step - start_step), process_index=jax.process_index(),
       process_count=jax.process_count(), with_equivariance=len(views) == 4).as_numpy_iterator()
 
@@ -333,15 +333,10 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
     writer.close()
     return {"step": step, "status": status}
 
-  baseline = None
-  if config.random_init_baseline:
-    baseline = variables_of(create_train_state(model, optax.identity(), config, mesh))
+  baseline = random_init_variables(model, config, mesh) if config.random_init_baseline else None
   report = evaluator.report(variables_of(state), step, baseline)
   report["step"] = step
-  if is_chief:
-    (workdir / "report.json").write_text(json.dumps(report, indent=2))
-    from care_jax import plots
-    plots.write_plots(workdir, report)
+  evaluate.write_report(workdir, report)
   writer.write(step, {k: report[k] for k in ("knn_top1", "linear_probe_top1", "wahba_error_mean",
                                              "wahba_error_max", "relative_equivariance")})
   writer.note(f"report: {workdir / 'report.json'}  kNN top-1 {report['knn_top1']:.2f}%  linear probe top-1 "
@@ -359,6 +354,11 @@ def _check_finite(step: int, metrics: dict, last_good_save) -> None:
     raise TrainingDivergedError(
         f"step {step}: loss={loss} or a gradient is NaN/inf, so training stopped (that update was not applied); "
         f"last good checkpoint: {where}. Lower learning_rate or raise temperature, then rerun to resume")
+
+
+def random_init_variables(model, config, mesh: Mesh) -> dict:
+  """The untrained encoder's variables (the random-init baseline of the reports)."""
+  return variables_of(create_train_state(model, optax.identity(), config, mesh))
 
 
 def variables_of(state: TrainState) -> dict:

@@ -32,10 +32,7 @@ VARIANTS = {
 
 
 def _load_config(name: str, preset: str = ""):
-  namespace = {}
-  path = ROOT / "configs" / f"{name}.py"
-  exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - our config files
-  return namespace["get_config"](preset) if preset else namespace["get_config"]()
+  return config_lib.load_config_file(ROOT / "configs" / f"{name}.py", preset)
 
 
 def base_config(scale: str):
@@ -78,7 +75,6 @@ def run_variant(scale: str, variant: str, *, seed: int = 0, data_dir: str = "") 
 def random_init_report(scale: str, data_dir: str = "") -> dict:
   """kNN and linear probe of the untrained encoder (the scale's architecture and seed 0)."""
   import jax  # noqa: PLC0415
-  import optax  # noqa: PLC0415
 
   from care_jax import evaluate, train  # noqa: PLC0415
   path = RESULTS / "runs" / scale / "random_init.json"
@@ -87,7 +83,7 @@ def random_init_report(scale: str, data_dir: str = "") -> dict:
   config = variant_config(scale, "care", 0, **({"data_dir": data_dir} if data_dir else {}))
   mesh = train.make_mesh()
   model = train.build_model(config)
-  variables = train.variables_of(train.create_train_state(model, optax.identity(), config, mesh))
+  variables = train.random_init_variables(model, config, mesh)
   evaluator = evaluate.RunEvaluator(config, model, mesh, log=lambda m: print(m, file=sys.stderr))
   knn = evaluator.knn(variables, "random_init")
   probe = evaluator.linear_probe(variables, "random_init", config.linear_probe_seeds)

@@ -13,10 +13,8 @@ from care_jax import config_lib, losses, train
 
 def _tiny_config(**overrides):
   """configs/quickstart.py:smoke (a 4-channel ResNet-18 on 16x16 images) with overrides."""
-  namespace = {}
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py"
-  exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - our own config file.
-  c = namespace["get_config"]("smoke")
+  c = config_lib.load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py",
+                                  "smoke")
   c.num_train_steps = 10
   for k, v in overrides.items():
     c[k] = v
