@@ -21,7 +21,11 @@ from care_jax.models import resnet
 
 OPTIMIZERS = ("adam", "sgd", "lars")
 SCHEDULES = ("constant", "cosine")
-OBJECTIVES = ("care", "simclr", "equi_unif")
+OBJECTIVES = ("care", "simclr", "equi_unif", "moco", "moco_care")
+MOCO_OBJECTIVES = ("moco", "moco_care")
+# Where the projections live and which bilinear form L_equi preserves.
+GEOMETRIES = ("sphere", "hyperboloid", "symplectic")
+EQUIVARIANCE_FORMS = {"sphere": None, "hyperboloid": "minkowski", "symplectic": "symplectic"}
 DTYPES = ("float32", "bfloat16")
 # Datasets the input pipeline reads (besides npz:/folder: sources and other tfds names).
 KNOWN_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet2012", "mnist", "svhn_cropped")
@@ -46,12 +50,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"  # compute dtype; parameters stay float32.
   c.proj_hidden_dim = 512
   c.proj_dim = 128
+  c.proj_head = "simclr"  # simclr: Linear -> BN -> ReLU -> Linear; mocov2: Linear -> ReLU -> Linear.
   # Objective.
-  c.objective = "care"  # care | simclr | equi_unif (the paper's L_equi + L_unif ablation)
+  # care | simclr | equi_unif (the paper's L_equi + L_unif ablation) | moco | moco_care
+  c.objective = "care"
+  # sphere: unit vectors, dot products (rotations, SO(d)); hyperboloid: Lorentz model,
+  # negative geodesic distance in InfoNCE, Minkowski form in L_equi (Lorentz group);
+  # symplectic: unit vectors, dot-product InfoNCE, symplectic form in L_equi (even proj_dim).
+  c.geometry = "sphere"
   c.temperature = 0.5
   c.equiv_weight = 0.03
   c.equiv_splits = 16
   c.equiv_crop = True  # False: the equivariance views skip the crop (release's ImageNet-100).
+  # MoCo-v2 (objective moco / moco_care): EMA key encoder and a queue of negatives.
+  c.moco_momentum = 0.99  # key encoder = m * key + (1 - m) * query, every step.
+  c.moco_queue_size = 65536  # a multiple of batch_size.
+  c.moco_bn_groups = 8  # BatchNorm groups (MoCo's per-GPU BN); keys shuffled across them.
   # Optimisation.
   c.batch_size = 256
   c.num_epochs = 400.0
@@ -92,8 +106,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 def load_config_file(path, preset: str = "") -> ml_collections.ConfigDict:
   """get_config(preset) of a configs/*.py file, as --config=path:preset gives it (for scripts and tests)."""
-  namespace = {}
   path = epath.Path(path)
+  namespace = {"__file__": str(path), "__name__": path.stem}  # as config_flags' import sets them
   exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 - a config file is code.
   return namespace["get_config"](preset) if preset else namespace["get_config"]()
 
@@ -145,6 +159,8 @@ def validate(config, num_devices: int = 1) -> None:
   _choice(config, "optimizer", OPTIMIZERS)
   _choice(config, "schedule", SCHEDULES)
   _choice(config, "objective", OBJECTIVES)
+  _choice(config, "geometry", GEOMETRIES)
+  _choice(config, "proj_head", resnet.PROJECTION_HEADS)
   _choice(config, "dtype", DTYPES)
   _choice(config, "model", tuple(sorted(resnet.STAGE_SIZES)))
   _choice(config, "model_stem", resnet.STEMS)
@@ -179,11 +195,37 @@ def validate(config, num_devices: int = 1) -> None:
                         f"a multiple of {num_devices}")
   if config.proj_dim < 2:
     raise ConfigError(f"proj_dim={config.proj_dim} must be >= 2")
+  if config.geometry == "symplectic" and config.proj_dim % 2:
+    raise ConfigError(f"proj_dim={config.proj_dim} must be even for geometry='symplectic'; "
+                      f"set --config.proj_dim={config.proj_dim + 1}")
+  if config.geometry != "sphere" and config.objective not in ("care", "simclr"):
+    raise ConfigError(f"geometry={config.geometry!r} works with objective care or simclr, not "
+                      f"{config.objective!r}; set --config.geometry=sphere or --config.objective=care")
+  if config.objective in MOCO_OBJECTIVES:
+    _validate_moco(config)
+
+
+def _validate_moco(config) -> None:
+  m = config.moco_momentum
+  if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 <= m < 1:
+    raise ConfigError(f"moco_momentum={m!r} must be in [0, 1); set --config.moco_momentum=0.99")
+  _at_least(config, "moco_queue_size", 1)
+  _at_least(config, "moco_bn_groups", 1)
+  batch, queue, groups = config.batch_size, config.moco_queue_size, config.moco_bn_groups
+  if queue % batch:
+    raise ConfigError(f"moco_queue_size={queue} is not a multiple of batch_size={batch}; "
+                      f"use --config.moco_queue_size={max(1, queue // batch) * batch}")
+  if batch % groups:
+    raise ConfigError(f"moco_bn_groups={groups} does not divide batch_size={batch}; use a divisor such as 8")
+  if uses_equivariance(config) and (batch // groups) % (batch // config.equiv_splits):
+    raise ConfigError(f"equiv_splits={config.equiv_splits} gives chunks of {batch // config.equiv_splits} images "
+                      f"that straddle the {groups} BatchNorm groups of {batch // groups}; use an equiv_splits "
+                      f"that is a multiple of moco_bn_groups={groups}")
 
 
 def uses_equivariance(config) -> bool:
   """Whether the e1/e2 views are computed (SimCLR, or weight 0, skips them)."""
-  return config.objective != "simclr" and config.equiv_weight > 0
+  return config.objective not in ("simclr", "moco") and config.equiv_weight > 0
 
 
 def check_workdir(workdir: str) -> epath.Path:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from care_jax import geometry
+from care_jax import config_lib, geometry, losses
 
 
 # ------------------------------------------------------------------ features
@@ -150,17 +150,29 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
 
 # ------------------------------------------------------------------ geometry
 
-def wahba_trial(z: np.ndarray, z_aug: np.ndarray) -> dict:
-  """One augmentation applied to every row: Wahba error and gamma_f of the embeddings."""
+def wahba_trial(z: np.ndarray, z_aug: np.ndarray, form=None) -> dict:
+  """One augmentation applied to every row: how well one map explains it.
+
+  wahba_error and relative_equivariance (gamma_f) ask for a rotation. For any
+  geometry, also the unconstrained least-squares map A (z A^T ~ z_aug):
+  linear_fit_error = ||z A^T - z_aug||_F / ||z_aug||_F (does ONE linear map
+  explain the augmentation?) and form_preservation_error(A, J) (is that map in
+  the geometry's group: J = I rotations, Minkowski Lorentz, symplectic Sp)?
+  """
+  a = geometry.fit_linear_map(z, z_aug)
+  j = losses.bilinear_form(form, z.shape[1])
+  j = jnp.eye(z.shape[1]) if j is None else j
+  fit = jnp.linalg.norm(jnp.asarray(z) @ a.T - z_aug) / jnp.linalg.norm(z_aug)
   return {"wahba_error": float(geometry.wahba_error(z, z_aug)),
-          "relative_equivariance": float(geometry.relative_equivariance(z, z_aug))}
+          "relative_equivariance": float(geometry.relative_equivariance(z, z_aug)),
+          "linear_fit_error": float(fit), "form_preservation_error": float(geometry.form_preservation_error(a, j))}
 
 
 def summarize_trials(trials: list, n: int) -> dict:
-  errors = np.array([t["wahba_error"] for t in trials])
-  gammas = np.array([t["relative_equivariance"] for t in trials])
-  return {"wahba_error_mean": float(errors.mean()), "wahba_error_max": float(errors.max()),
-          "relative_equivariance": float(gammas.mean()), "wahba_examples": n, "wahba_trials": trials}
+  mean = lambda key: float(np.mean([t[key] for t in trials]))
+  return {"wahba_error_mean": mean("wahba_error"), "wahba_error_max": float(max(t["wahba_error"] for t in trials)),
+          "relative_equivariance": mean("relative_equivariance"), "linear_fit_error": mean("linear_fit_error"),
+          "form_preservation_error": mean("form_preservation_error"), "wahba_examples": n, "wahba_trials": trials}
 
 
 __all__ = ["extract_features", "knn_accuracy", "linear_probe", "wahba_trial", "summarize_trials", "to_host"]
@@ -294,7 +306,8 @@ class RunEvaluator:
     for trial in range(self.config.wahba_trials):
       params = self._ip.sample_one_augmentation(self.config.seed, trial, h, w, self.aug)
       z_aug = self.embed(variables, self._ip.apply_augmentation(images, params, self.aug))
-      trials.append({"trial": trial, "augmentation": params, **wahba_trial(z, z_aug)})
+      trials.append({"trial": trial, "augmentation": params,
+                     **wahba_trial(z, z_aug, config_lib.EQUIVARIANCE_FORMS[self.config.geometry])})
     if not trials:
       return {"wahba_error_mean": None, "wahba_error_max": None, "relative_equivariance": None}
     return summarize_trials(trials, len(images))

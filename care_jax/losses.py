@@ -13,6 +13,7 @@ symplectic forms).
                                                  augmentation pair per chunk)
   care_loss = info_nce + weight * equivariance_loss
   wang_isola_uniformity, moco_info_nce          (ablation and MoCo-v2 variant)
+  hyperbolic_info_nce                           (NT-Xent on the hyperboloid)
 """
 
 from __future__ import annotations
@@ -203,6 +204,32 @@ def moco_info_nce(q, k, queue, temperature) -> jax.Array:
   pos = jnp.sum(q * k, axis=-1, keepdims=True) / t
   neg = (q @ queue.T) / t
   return jnp.mean(jax.nn.logsumexp(jnp.concatenate([pos, neg], axis=1), axis=1) - pos[:, 0])
+
+
+def minkowski_inner(x, y) -> jax.Array:
+  """Pairwise Lorentz products <x_i, y_j>_L = -x_i0 y_j0 + sum_k>0 x_ik y_jk: [N, M]."""
+  sign = jnp.ones((x.shape[-1],), x.dtype).at[0].set(-1)
+  return (x * sign) @ y.T
+
+
+def hyperbolic_info_nce(z1, z2, temperature, eps: float = 1e-5) -> jax.Array:
+  """NT-Xent on the hyperboloid: similarity = -d(z_i, z_j) / tau, d the geodesic distance.
+
+  Rows are points of the Lorentz model (<z, z>_L = -1, z_0 > 0, the time
+  coordinate first); d = arccosh(-<z_i, z_j>_L). The argument is clamped at
+  1 + eps: rounding puts near-equal points just below 1, where arccosh is
+  undefined and its slope infinite (the clamp bounds it at 1/sqrt(2 eps)).
+  Same anchors and positives as info_nce: 2B anchors, the other view positive.
+  """
+  _check_pair("hyperbolic_info_nce", z1, z2)
+  t = _check_temperature("hyperbolic_info_nce", temperature)
+  dt = _compute_dtype(z1)
+  z = jnp.concatenate([z1, z2], axis=0).astype(dt)
+  n, b = z.shape[0], z1.shape[0]
+  dist = jnp.arccosh(jnp.maximum(-minkowski_inner(z, z), 1.0 + eps))
+  s = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, -dist / t)
+  positive = jnp.take_along_axis(s, ((jnp.arange(n) + b) % n)[:, None], axis=1)[:, 0]
+  return jnp.mean(jax.nn.logsumexp(s, axis=1) - positive)
 
 
 # --------------------------------------------------------------------------

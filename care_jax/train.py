@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from care_jax import checkpoints, config_lib, evaluate, losses, metric_writers
+from care_jax import checkpoints, config_lib, evaluate, losses, metric_writers, moco
 from care_jax.models import resnet
 
 VIEWS = ("x1", "x2", "e1", "e2")
@@ -44,6 +44,7 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key; per-step keys are fold_in(rng, step).
+  moco: Any = None  # objective moco / moco_care: key encoder and queue (care_jax.moco).
 
 
 # ------------------------------------------------------------------ pieces
@@ -51,7 +52,7 @@ class TrainState:
 def build_model(config) -> resnet.ContrastiveModel:
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   return resnet.build_model(config.model, config.model_stem, config.model_width, dtype,
-                            config.proj_hidden_dim, config.proj_dim)
+                            config.proj_hidden_dim, config.proj_dim, config.geometry, config.proj_head)
 
 
 def learning_rate_schedule(config, durations: config_lib.Durations) -> optax.Schedule:
@@ -93,8 +94,12 @@ def create_train_state(model, tx, config, mesh: Mesh) -> TrainState:
     images = jnp.zeros((2, config.image_size, config.image_size, 3), jnp.float32)
     variables = model.init(jax.random.fold_in(rng, 0), images, train=False)
     params = variables["params"]
+    moco_state = None
+    if config.objective in config_lib.MOCO_OBJECTIVES:
+      moco_state = moco.init_state(params, variables["batch_stats"], jax.random.fold_in(rng, 1),
+                                   int(config.moco_queue_size), int(config.proj_dim))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-                      opt_state=tx.init(params), rng=rng)
+                      opt_state=tx.init(params), rng=rng, moco=moco_state)
 
   return jax.jit(init, out_shardings=replicated, static_argnums=0)(int(config.seed))
 
@@ -108,17 +113,42 @@ def objective(config, z) -> tuple:
     return total, dict(uniformity=unif, equivariance=equi, info_nce=losses.info_nce(z["x1"], z["x2"],
                                                                                         config.temperature))
   use_equi = config_lib.uses_equivariance(config)
+  weight = config.equiv_weight if use_equi else 0.0
+  if config.geometry == "hyperboloid":
+    nce = losses.hyperbolic_info_nce(z["x1"], z["x2"], config.temperature)
+    equi = (losses.equivariance_loss(z["e1"], z["e2"], config.equiv_splits, "minkowski") if use_equi
+            else jnp.zeros((), jnp.float32))
+    return nce + weight * equi, dict(info_nce=nce, equivariance=equi)
   return losses.care_loss(z["x1"], z["x2"], z.get("e1"), z.get("e2"), temperature=config.temperature,
-                          equiv_weight=config.equiv_weight if use_equi else 0.0,
-                          num_chunks=config.equiv_splits)
+                          equiv_weight=weight, num_chunks=config.equiv_splits,
+                          form=config_lib.EQUIVARIANCE_FORMS[config.geometry])
 
 
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def _finish_step(state: TrainState, loss, terms, grads, params, batch_stats, opt_state, moco_state, z1, schedule):
+  """The tail every step kind shares: the NaN/inf guard and the logged metrics."""
+  # A bad step changes nothing (the host then stops the run).
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            batch_stats=keep(batch_stats, state.batch_stats),
+                            opt_state=keep(opt_state, state.opt_state), moco=keep(moco_state, state.moco))
+  metrics = dict(loss=loss, **terms, learning_rate=schedule(state.step),
+                 grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(state.params),
+                 # Collapse signal: per-dimension std of the embeddings
+                 # (0 = collapsed; 1/sqrt(D) for uniformly spread unit vectors).
+                 embedding_std=jnp.mean(jnp.std(z1, axis=0)), finite=finite)
+  return new_state, metrics
+
+
 def make_train_step(model, tx, config, schedule: optax.Schedule) -> Callable:
   """train_step(state, batch) -> (state, metrics), pure; batch holds views x1, x2 (e1, e2)."""
+  finish = lambda *args: _finish_step(*args, schedule)
+  if config.objective in config_lib.MOCO_OBJECTIVES:
+    return moco.make_train_step(model, tx, config, schedule, finish)
   views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
 
   def loss_fn(params, batch_stats, batch):
@@ -138,18 +168,7 @@ def make_train_step(model, tx, config, schedule: optax.Schedule) -> Callable:
         state.params, state.batch_stats, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # NaN/inf guard: a bad step changes nothing (the host then stops the run).
-    finite = jnp.isfinite(loss) & _all_finite(grads)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              batch_stats=keep(batch_stats, state.batch_stats),
-                              opt_state=keep(opt_state, state.opt_state))
-    metrics = dict(loss=loss, **terms, learning_rate=schedule(state.step),
-                   grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(state.params),
-                   # Collapse signal: per-dimension std of the unit embeddings
-                   # (0 = collapsed; 1/sqrt(D) for uniformly spread ones).
-                   embedding_std=jnp.mean(jnp.std(z1, axis=0)), finite=finite)
-    return new_state, metrics
+    return finish(state, loss, terms, grads, params, batch_stats, opt_state, state.moco, z1)
 
   return train_step
 

@@ -2,6 +2,8 @@
 
   python -m care_jax.main --config=configs/quickstart.py --workdir=runs/quickstart   (= make demo)
   presets: configs/quickstart.py:smoke  (a few steps of a tiny model; tests and CI)
+           :moco, :moco_care             (MoCo-v2 without / with CARE)
+           :hyperboloid, :symplectic     (CARE with the Lorentz or symplectic form)
 
 Expected (2-core CPU, ~10 minutes of pretraining): linear-probe top-1 well above
 the random-init encoder's (both are in report.json; README has the measured pair).
@@ -29,7 +31,21 @@ def get_config(preset: str = ""):
   c.eval_every_steps = 0
   c.wahba_examples = 1000
   c.random_init_baseline = True
-  if preset == "smoke":
+  if preset in ("moco_care", "moco"):
+    # MoCo-v2 (+ CARE) at quickstart size: 16 x 256 = 4096 queued negatives,
+    # 8 BatchNorm groups of 32 (keys shuffled across them), the MoCo-v2 head.
+    c.objective = preset
+    c.equiv_weight = 0.03 if preset == "moco_care" else 0.0
+    c.temperature = 0.2
+    c.moco_momentum = 0.99
+    c.moco_queue_size = 4096
+    c.moco_bn_groups = 8
+    c.proj_head = "mocov2"
+  elif preset in ("hyperboloid", "symplectic"):
+    # CARE beyond the sphere: Lorentz-model embeddings (Minkowski form) or the
+    # symplectic form in L_equi. Same data, model and budget as the default.
+    c.geometry = preset
+  elif preset == "smoke":
     c.model_width = 0.0625
     c.proj_hidden_dim = 32
     c.proj_dim = 16
@@ -48,5 +64,6 @@ def get_config(preset: str = ""):
     c.wahba_examples = 64
     c.random_init_baseline = False
   elif preset:
-    raise ValueError(f"configs/quickstart.py: unknown preset {preset!r}; use :smoke or none")
+    raise ValueError(f"configs/quickstart.py: unknown preset {preset!r}; use :smoke, :moco, :moco_care, "
+                     ":hyperboloid, :symplectic or none")
   return c

@@ -66,9 +66,27 @@ def test_wahba_trial_of_an_exact_rotation_is_zero_and_of_noise_is_not():
   assert noisy["wahba_error"] > 1.0
   assert noisy["wahba_error"] == pytest.approx(float(geometry.wahba_error(z, other / np.linalg.norm(
       other, axis=1, keepdims=True))))
+  assert exact["linear_fit_error"] < 1e-5 and exact["form_preservation_error"] < 1e-5
+  assert noisy["linear_fit_error"] > 0.5
   summary = evaluate.summarize_trials([exact, noisy], 64)
   assert summary["wahba_error_max"] == noisy["wahba_error"]
   assert summary["wahba_error_mean"] == pytest.approx((exact["wahba_error"] + noisy["wahba_error"]) / 2)
+  assert summary["linear_fit_error"] == pytest.approx((exact["linear_fit_error"] + noisy["linear_fit_error"]) / 2)
+
+
+def test_form_preservation_report_separates_the_groups():
+  from tests.test_losses import _hyperboloid, _lorentz_boost, _symplectic_matrix
+  rng = np.random.default_rng(4)
+  z = _hyperboloid(rng, 64, 6)
+  boost = _lorentz_boost(6, rapidity=0.5)
+  lorentz = evaluate.wahba_trial(z, z @ boost.T, "minkowski")
+  # One linear map explains it and it is in the Lorentz group, yet it is no rotation.
+  assert lorentz["linear_fit_error"] < 1e-5 and lorentz["form_preservation_error"] < 1e-5
+  assert evaluate.wahba_trial(z, z @ boost.T)["form_preservation_error"] > 0.05
+  s = _symplectic_matrix(rng, 6)
+  symplectic = evaluate.wahba_trial(z, z @ s.T, "symplectic")
+  assert symplectic["linear_fit_error"] < 1e-5 and symplectic["form_preservation_error"] < 1e-5
+  assert evaluate.wahba_trial(z, z @ s.T, "minkowski")["form_preservation_error"] > 0.05
 
 
 def test_crc32c_known_answer():

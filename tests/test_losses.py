@@ -226,6 +226,44 @@ def test_equivariance_is_zero_for_lorentz_and_symplectic_isometries():
   s = _symplectic_matrix(rng, d)
   assert losses.equivariance_loss(z, z @ s.T, 2, form="symplectic") < 1e-4
   assert losses.equivariance_loss(z, z @ s.T, 2) > 1e-2
+  # And each form's loss is positive for a map outside its group.
+  stretch = np.diag(np.linspace(0.5, 1.5, d))
+  assert losses.equivariance_loss(z, z @ stretch.T, 2, form="minkowski") > 1e-2
+  assert losses.equivariance_loss(z, z @ stretch.T, 2, form="symplectic") > 1e-2
+  assert losses.equivariance_loss(z, z @ s.T, 2, form="minkowski") > 1e-2  # symplectic, not Lorentz
+
+
+def np_hyperbolic_info_nce(z1, z2, t):
+  z = np.concatenate([z1, z2]).astype(np.float64)
+  n, b = len(z), len(z1)
+  lorentz = lambda x, y: -x[0] * y[0] + x[1:] @ y[1:]
+  sim = lambda i, j: -np.arccosh(max(-lorentz(z[i], z[j]), 1.0)) / t
+  total = 0.0
+  for i in range(n):
+    pos = i + b if i < b else i - b
+    denom = sum(np.exp(sim(i, j)) for j in range(n) if j != i)
+    total += -np.log(np.exp(sim(i, pos)) / denom)
+  return total / n
+
+
+def _hyperboloid(rng, n, d, scale=1.0):
+  v = rng.normal(size=(n, d - 1)) * scale
+  return np.concatenate([np.sqrt(1 + np.sum(v * v, axis=1, keepdims=True)), v], axis=1)
+
+
+def test_hyperbolic_info_nce_matches_brute_force():
+  rng = np.random.default_rng(11)
+  z1, z2 = _hyperboloid(rng, 6, 4), _hyperboloid(rng, 6, 4)
+  with jax.enable_x64(True):
+    got = losses.hyperbolic_info_nce(jnp.asarray(z1), jnp.asarray(z2), 0.3)
+    np.testing.assert_allclose(got, np_hyperbolic_info_nce(z1, z2, 0.3), rtol=1e-10)
+    check_grads(lambda a, b: losses.hyperbolic_info_nce(a, b, 0.3), (jnp.asarray(z1), jnp.asarray(z2)),
+                order=1, modes=["rev"], eps=1e-6)  # small step: arccosh is steep near 1
+  # Isometries of the hyperboloid (a boost) leave the loss unchanged.
+  boost = _lorentz_boost(4, rapidity=0.4)
+  np.testing.assert_allclose(losses.hyperbolic_info_nce(z1 @ boost.T, z2 @ boost.T, 0.3),
+                             losses.hyperbolic_info_nce(z1, z2, 0.3), rtol=1e-4)
+  assert np.isfinite(losses.hyperbolic_info_nce(z1, z1, 0.3))  # identical positives: clamped, finite
 
 
 def test_equivariance_gradients():

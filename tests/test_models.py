@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from care_jax import models
+from care_jax.models import resnet
 
 
 def _torchvision_param_count(name, stem, width=1.0):
@@ -96,3 +97,24 @@ def test_bad_names_and_widths():
   for bad in (0, -1, 0.001, "wide"):
     with pytest.raises(ValueError, match="model width must be a number > 0"):
       models.build_encoder("resnet18", width=bad)
+
+
+def test_hyperboloid_embeddings_lie_on_the_hyperboloid():
+  model = resnet.build_model("resnet18", width=0.0625, proj_hidden_dim=16, proj_dim=8, geometry="hyperboloid")
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  _, z = model.apply(variables, x)
+  assert z.shape == (4, 8)
+  lorentz = -z[:, 0] ** 2 + jnp.sum(z[:, 1:] ** 2, axis=1)
+  np.testing.assert_allclose(lorentz, -1.0, atol=1e-4)
+  assert bool(jnp.all(z[:, 0] >= 1.0))
+  with pytest.raises(ValueError, match="choose one of"):
+    resnet.build_model("resnet18", geometry="poincare")
+
+
+def test_mocov2_head_has_no_batchnorm_and_a_hidden_bias():
+  model = resnet.build_model("resnet18", width=0.0625, proj_hidden_dim=16, proj_dim=8, proj_head="mocov2")
+  x = jnp.zeros((2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  head = variables["params"]["head"]
+  assert "bias" in head["Dense_0"] and "head" not in variables["batch_stats"]

@@ -111,8 +111,11 @@ def test_sgd_update_is_minus_lr_times_gradient_of_the_global_loss():
   _assert_trees_close(state8.params, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_loss_decreases_over_steps_on_a_fixed_batch():
-  config = _tiny_config(learning_rate=3e-3)
+@pytest.mark.parametrize("overrides", [{}, {"geometry": "hyperboloid"}, {"geometry": "symplectic"},
+                                       {"objective": "moco_care", "moco_queue_size": 64, "moco_bn_groups": 4}],
+                         ids=["sphere", "hyperboloid", "symplectic", "moco_care"])
+def test_loss_decreases_over_steps_on_a_fixed_batch(overrides):
+  config = _tiny_config(learning_rate=3e-3, **overrides)
   batch = _batch(config, seed=1)
   state, step, to_global = _setup(config, jax.devices())
   global_batch = {k: to_global(v) for k, v in batch.items()}

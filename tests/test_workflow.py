@@ -89,6 +89,8 @@ def test_validate_accepts_every_shipped_config():
     config = config_lib.load_config_file(path)
     assert set(config.keys()) == set(config_lib.default_config().keys()), path.name
     config_lib.validate(config, num_devices=1)
+  for preset in ("smoke", "moco", "moco_care", "hyperboloid", "symplectic"):
+    config_lib.validate(config_lib.load_config_file(ROOT / "configs" / "quickstart.py", preset), num_devices=8)
 
 
 # ------------------------------------------------------------------ runs

@@ -102,15 +102,19 @@ class ResNet(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-  """Linear(no bias) -> BatchNorm -> ReLU -> Linear(out_dim), as the release."""
+  """Linear(no bias) -> BatchNorm -> ReLU -> Linear(out_dim), as the release.
+
+  batch_norm=False gives MoCo-v2's head: Linear(with bias) -> ReLU -> Linear.
+  """
   hidden_dim: int = 512
   out_dim: int = 128
   dtype: Any = jnp.float32
+  batch_norm: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Dense(self.hidden_dim, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)(x)
-    x = nn.relu(_norm(train, self.dtype)(x))
+    x = nn.Dense(self.hidden_dim, use_bias=not self.batch_norm, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    x = nn.relu(_norm(train, self.dtype)(x) if self.batch_norm else x)
     return nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32)(x).astype(jnp.float32)
 
 
@@ -119,14 +123,34 @@ def l2_normalize(x, eps: float = 1e-12):
   return x * jnp.reciprocal(jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps))
 
 
+def lift_to_hyperboloid(v):
+  """R^{D-1} -> the hyperboloid {x in R^D : <x, x>_L = -1, x_0 > 0}: x = (sqrt(1 + |v|^2), v).
+
+  The inverse of dropping the time coordinate; smooth everywhere, and the
+  distance to the origin (1, 0, ..., 0) grows like arcsinh|v|, so a large head
+  output cannot overflow the way the exponential map's cosh would.
+  """
+  v = v.astype(jnp.float32)
+  return jnp.concatenate([jnp.sqrt(1.0 + jnp.sum(v * v, axis=-1, keepdims=True)), v], axis=-1)
+
+
+PROJECTION_HEADS = ("simclr", "mocov2")
+EMBEDDINGS = {"sphere": l2_normalize, "hyperboloid": lift_to_hyperboloid, "symplectic": l2_normalize}
+
+
 class ContrastiveModel(nn.Module):
-  """Encoder f = normalize(head(backbone(x))): returns (features, projections)."""
+  """Encoder f = embed(head(backbone(x))): returns (features, projections).
+
+  geometry 'sphere' / 'symplectic': unit vectors; 'hyperboloid': the head
+  gives D - 1 numbers, lifted onto the D-dimensional hyperboloid.
+  """
   backbone: nn.Module
   head: nn.Module
+  geometry: str = "sphere"
 
   def __call__(self, images, train: bool = False):
     features = self.backbone(images, train)
-    return features, l2_normalize(self.head(features, train))
+    return features, EMBEDDINGS[self.geometry](self.head(features, train))
 
 
 def _scaled_widths(width: float):
@@ -151,10 +175,20 @@ def build_encoder(name: str, stem: str = "cifar", width: float = 1.0, dtype=jnp.
 
 
 def build_model(name: str, stem: str = "cifar", width: float = 1.0, dtype=jnp.float32,
-                proj_hidden_dim: int = 512, proj_dim: int = 128) -> ContrastiveModel:
-  """Backbone + projection head; apply(...) returns (features, unit-norm projections)."""
+                proj_hidden_dim: int = 512, proj_dim: int = 128, geometry: str = "sphere",
+                proj_head: str = "simclr") -> ContrastiveModel:
+  """Backbone + projection head; apply(...) returns (features, projections [B, proj_dim]).
+
+  proj_head: 'simclr' (the release's, with BatchNorm) or 'mocov2' (no BatchNorm).
+  """
+  if geometry not in EMBEDDINGS:
+    raise ValueError(f"unknown geometry {geometry!r}; choose one of {', '.join(EMBEDDINGS)}")
+  if proj_head not in PROJECTION_HEADS:
+    raise ValueError(f"unknown projection head {proj_head!r}; choose one of {', '.join(PROJECTION_HEADS)}")
+  head_dim = proj_dim - 1 if geometry == "hyperboloid" else proj_dim
   return ContrastiveModel(build_encoder(name, stem, width, dtype),
-                          ProjectionHead(proj_hidden_dim, proj_dim, dtype))
+                          ProjectionHead(proj_hidden_dim, head_dim, dtype, batch_norm=proj_head == "simclr"),
+                          geometry)
 
 
 def feature_dim(name: str, width: float = 1.0) -> int:
@@ -162,5 +196,5 @@ def feature_dim(name: str, width: float = 1.0) -> int:
   return _scaled_widths(width)[-1] * expansion
 
 
-__all__ = ["build_encoder", "build_model", "feature_dim", "l2_normalize", "ResNet",
+__all__ = ["build_encoder", "build_model", "feature_dim", "l2_normalize", "lift_to_hyperboloid", "ResNet",
            "ProjectionHead", "ContrastiveModel", "STAGE_SIZES", "STEMS"]
