@@ -21,41 +21,16 @@ of ~10% of the side (reflect padding), then per-channel normalisation.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Sequence
 
 import tensorflow as tf
+
+from care_jax.augment_config import AugmentConfig  # noqa: F401 (re-exported: augment.AugmentConfig)
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
 _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes.
 _JITTER_OPS = 4  # brightness, contrast, saturation, hue
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-  image_size: int
-  mean: Sequence[float] = (0.5, 0.5, 0.5)
-  std: Sequence[float] = (0.5, 0.5, 0.5)
-  crop_scale: tuple = (0.08, 1.0)
-  crop_ratio: tuple = (3 / 4, 4 / 3)
-  flip_prob: float = 0.5
-  jitter_prob: float = 0.8
-  brightness: float = 0.4
-  contrast: float = 0.4
-  saturation: float = 0.4
-  hue: float = 0.1
-  grayscale_prob: float = 0.2
-  blur_prob: float = 0.5
-  blur_sigma: tuple = (0.1, 2.0)
-  # The release's ImageNet-100 setting: equivariance views without the crop.
-  equiv_crop: bool = True
-
-  @property
-  def blur_kernel_size(self) -> int:
-    k = max(3, int(0.1 * self.image_size))
-    return k if k % 2 else k + 1
 
 
 def _uniform(seed, shape, lo, hi):

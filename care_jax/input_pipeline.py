@@ -28,18 +28,9 @@ import numpy as np
 import tensorflow as tf
 
 from care_jax import augment, config_lib
+from care_jax.augment_config import DATASET_STATS, augment_config, dataset_stats  # noqa: F401 (re-exported)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-# Per-channel statistics for normalisation (grey datasets repeat one value).
-DATASET_STATS = {
-    "fashion_mnist": ((0.2860,) * 3, (0.3530,) * 3),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-}
-_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
 class DatasetUnavailableError(config_lib.ConfigError):
   """A dataset that cannot be read offline; the message says how to provide it."""
 
@@ -49,11 +40,6 @@ class ArrayDataset:
   images: np.ndarray  # uint8 [N, S, S, 3]
   labels: np.ndarray  # int32 [N]
   num_classes: int
-
-
-def dataset_stats(name: str):
-  base = name.split(":")[0]
-  return DATASET_STATS.get(base, _IMAGENET_STATS if "imagenet" in base else ((0.5,) * 3, (0.5,) * 3))
 
 
 # ------------------------------------------------------------------ loading
@@ -248,12 +234,6 @@ def eval_batches(data: ArrayDataset, *, global_batch: int, aug: augment.AugmentC
     rows = np.where(mask, rows, 0)
     images = (data.images[rows].astype(np.float32) / 255.0 - stats[0]) / stats[1]
     yield {"images": images, "labels": data.labels[rows], "mask": mask}
-
-
-def augment_config(dataset: str, image_size: int, equiv_crop: bool = True) -> augment.AugmentConfig:
-  """The SimCLR augmentation settings with the dataset's normalisation statistics."""
-  mean, std = dataset_stats(dataset)
-  return augment.AugmentConfig(image_size=image_size, mean=mean, std=std, equiv_crop=equiv_crop)
 
 
 def normalized(images: np.ndarray, aug: augment.AugmentConfig) -> np.ndarray:

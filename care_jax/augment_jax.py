@@ -1,0 +1,223 @@
+"""The on-device augmentation backend: care_jax/augment.py's contract in jnp.
+
+Same parameters (per image for x1/x2, one set per chunk repeated over its n
+images for e1/e2), same apply semantics, but traced into the jitted train
+step on uint8 batches already on the accelerator, so a run needs no tf.data
+host pipeline (a CPU pipeline tops out at a few thousand images/s; one GPU
+trains tens of thousands of views/s). augment.py stays the reference; a test
+feeds one parameter set to both and compares the views.
+
+Accelerator-shaped formulation: the two per-image spatial operations are
+linear maps along rows and columns, so each is a pair of batched matrix
+products instead of gathers:
+  crop + resize (bilinear, tf.image.crop_and_resize's sampling grid):
+      out = Wy x Wx^T with Wy [B, S, H] holding each output row's two taps;
+  Gaussian blur (separable, reflect padding folded into the matrix):
+      out = K x K^T with K [B, S, S].
+Colour jitter keeps torchvision's per-image random order by evaluating the
+four ops at each of the four positions and selecting per image (elementwise
+work is cheap on an accelerator; no data-dependent shapes under jit).
+Random draws use jax.random (a different stream from TF's: the DISTRIBUTIONS
+match, the draws do not).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from care_jax.augment_config import AugmentConfig
+
+_LUMA = (0.299, 0.587, 0.114)
+_CROP_ATTEMPTS = 10
+_JITTER_OPS = 4
+
+
+# ----------------------------------------------------------------------- sampling
+
+def _sample_crop_boxes(key, num, height, width, cfg: AugmentConfig, crop: bool):
+  """RandomResizedCrop's (i, j, h, w) per image, as augment.py: 10 tries, then a centre crop."""
+  h_f, w_f = float(height), float(width)
+  if not crop:
+    return jnp.tile(jnp.asarray([[0.0, 0.0, h_f, w_f]], jnp.float32), (num, 1))
+  k_area, k_ratio, k_i, k_j = jax.random.split(key, 4)
+  shape = (num, _CROP_ATTEMPTS)
+  area = h_f * w_f * jax.random.uniform(k_area, shape, minval=cfg.crop_scale[0], maxval=cfg.crop_scale[1])
+  ratio = jnp.exp(jax.random.uniform(k_ratio, shape, minval=math.log(cfg.crop_ratio[0]),
+                                     maxval=math.log(cfg.crop_ratio[1])))
+  w = jnp.round(jnp.sqrt(area * ratio))
+  h = jnp.round(jnp.sqrt(area / ratio))
+  valid = (w > 0) & (w <= w_f) & (h > 0) & (h <= h_f)
+  i = jnp.floor(jax.random.uniform(k_i, shape) * (h_f - h + 1))
+  j = jnp.floor(jax.random.uniform(k_j, shape) * (w_f - w + 1))
+  first = jnp.argmax(valid, axis=1)
+  pick = lambda t: jnp.take_along_axis(t, first[:, None], axis=1)[:, 0]
+  in_ratio = w_f / h_f
+  lo, hi = cfg.crop_ratio
+  fb_w = w_f if in_ratio < lo else (round(h_f * hi) if in_ratio > hi else w_f)
+  fb_h = round(w_f / lo) if in_ratio < lo else h_f
+  fallback = jnp.asarray([math.floor((h_f - fb_h) / 2), math.floor((w_f - fb_w) / 2), fb_h, fb_w], jnp.float32)
+  chosen = jnp.stack([pick(i), pick(j), pick(h), pick(w)], axis=1)
+  return jnp.where(jnp.any(valid, axis=1)[:, None], chosen, fallback[None])
+
+
+def sample_params(key, num: int, height: int, width: int, cfg: AugmentConfig, crop: bool = True) -> dict:
+  """`num` independent parameter sets; the same keys and dtypes as augment.sample_params."""
+  keys = jax.random.split(key, 11)
+  bern = lambda k, p: jax.random.uniform(k, (num,)) < p
+  factor = lambda k, amount: jax.random.uniform(k, (num,), minval=max(0.0, 1.0 - amount), maxval=1.0 + amount)
+  order = jnp.argsort(jax.random.uniform(keys[6], (num, _JITTER_OPS)), axis=1, stable=True)
+  return {
+      "crop": _sample_crop_boxes(keys[0], num, height, width, cfg, crop),
+      "flip": bern(keys[1], cfg.flip_prob),
+      "jitter": bern(keys[2], cfg.jitter_prob),
+      "brightness": factor(keys[3], cfg.brightness),
+      "contrast": factor(keys[4], cfg.contrast),
+      "saturation": factor(keys[5], cfg.saturation),
+      "jitter_order": order.astype(jnp.int32),
+      "hue": jax.random.uniform(keys[7], (num,), minval=-cfg.hue, maxval=cfg.hue),
+      "grayscale": bern(keys[8], cfg.grayscale_prob),
+      "blur": bern(keys[9], cfg.blur_prob),
+      "blur_sigma": jax.random.uniform(keys[10], (num,), minval=cfg.blur_sigma[0], maxval=cfg.blur_sigma[1]),
+  }
+
+
+def repeat_params(params: dict, n: int) -> dict:
+  return {k: jnp.repeat(v, n, axis=0) for k, v in params.items()}
+
+
+# ----------------------------------------------------------------------- applying
+
+def _resize_matrix(start, length, in_size: int, out_size: int):
+  """[B, out, in] bilinear taps of crop_and_resize for boxes [start, start + length - 1] (pixels)."""
+  steps = jnp.arange(out_size, dtype=jnp.float32)
+  scale = (length - 1.0) / max(out_size - 1, 1)
+  coord = start[:, None] + steps[None, :] * scale[:, None]  # [B, out]
+  top = jnp.floor(coord)
+  frac = coord - top
+  bottom = jnp.ceil(coord)
+  one_hot = lambda idx: jax.nn.one_hot(idx.astype(jnp.int32), in_size, dtype=jnp.float32)
+  return one_hot(top) * (1.0 - frac)[..., None] + one_hot(bottom) * frac[..., None]
+
+
+def _grayscale(x):
+  return jnp.sum(x * jnp.asarray(_LUMA, x.dtype), axis=-1, keepdims=True)
+
+
+def _blend(a, b, factor):
+  f = factor[:, None, None, None]
+  return jnp.clip(f * a + (1.0 - f) * b, 0.0, 1.0)
+
+
+def _rgb_to_hsv(x):
+  """tf.image.rgb_to_hsv's formulas."""
+  r, g, b = x[..., 0], x[..., 1], x[..., 2]
+  value = jnp.max(x, axis=-1)
+  spread = value - jnp.min(x, axis=-1)
+  saturation = jnp.where(value > 0, spread / jnp.where(value > 0, value, 1.0), 0.0)
+  norm = 1.0 / (6.0 * jnp.where(spread > 0, spread, 1.0))
+  hue = jnp.where(r == value, norm * (g - b),
+                  jnp.where(g == value, norm * (b - r) + 2.0 / 6.0, norm * (r - g) + 4.0 / 6.0))
+  hue = jnp.where(spread > 0, hue, 0.0)
+  hue = jnp.where(hue < 0, hue + 1.0, hue)
+  return hue, saturation, value
+
+
+def _hsv_to_rgb(h, s, v):
+  """tf.image.hsv_to_rgb's formulas."""
+  dh = h * 6.0
+  dr = jnp.clip(jnp.abs(dh - 3.0) - 1.0, 0.0, 1.0)
+  dg = jnp.clip(2.0 - jnp.abs(dh - 2.0), 0.0, 1.0)
+  db = jnp.clip(2.0 - jnp.abs(dh - 4.0), 0.0, 1.0)
+  base = 1.0 - s
+  return jnp.stack([v * (base + s * dr), v * (base + s * dg), v * (base + s * db)], axis=-1)
+
+
+def _adjust_hue(x, delta):
+  h, s, v = _rgb_to_hsv(x)
+  return _hsv_to_rgb(jnp.mod(h + delta[:, None, None], 1.0), s, v)
+
+
+def _brightness(x, f):
+  return _blend(x, jnp.zeros_like(x), f)
+
+
+def _contrast(x, f):
+  mean = jnp.mean(_grayscale(x), axis=(1, 2, 3), keepdims=True)
+  return _blend(x, jnp.broadcast_to(mean, x.shape), f)
+
+
+def _saturation(x, f):
+  return _blend(x, _grayscale(x), f)
+
+
+_JITTER_FNS = ((_brightness, "brightness"), (_contrast, "contrast"), (_saturation, "saturation"),
+               (_adjust_hue, "hue"))
+
+
+def _color_jitter(x, p):
+  """Each image's own order of the four ops; images with jitter off pass through."""
+  for position in range(_JITTER_OPS):
+    op = jnp.where(p["jitter"], p["jitter_order"][:, position], _JITTER_OPS)[:, None, None, None]
+    out = x
+    for k, (fn, name) in enumerate(_JITTER_FNS):
+      out = jnp.where(op == k, fn(x, p[name]), out)
+    x = out
+  return x
+
+
+def _reflect_taps(size: int, kernel_size: int) -> np.ndarray:
+  """[k, size, size] 0/1: tap m of output s reads input reflect(s + m - k // 2) (numpy 'reflect')."""
+  pad = kernel_size // 2
+  taps = np.zeros((kernel_size, size, size), np.float32)
+  for m in range(kernel_size):
+    for s in range(size):
+      t = s + m - pad
+      t = -t if t < 0 else (2 * (size - 1) - t if t > size - 1 else t)
+      taps[m, s, t] = 1.0
+  return taps
+
+
+def _blur_matrix(sigma, size: int, kernel_size: int):
+  half = (kernel_size - 1) / 2
+  t = jnp.linspace(-half, half, kernel_size)
+  k = jnp.exp(-0.5 * jnp.square(t[None, :] / sigma[:, None]))
+  k = k / jnp.sum(k, axis=1, keepdims=True)  # [B, k]
+  return jnp.einsum("bm,mst->bst", k, jnp.asarray(_reflect_taps(size, kernel_size)))
+
+
+def _separable(x, rows, cols):
+  """out[b] = rows[b] @ x[b] @ cols[b]^T per channel: [B,S,H] x [B,H,W,C] x [B,T,W] -> [B,S,T,C]."""
+  return jnp.einsum("bsh,bhwc,btw->bstc", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
+
+
+def apply(images, params: dict, cfg: AugmentConfig):
+  """uint8 [B, H, W, 3] -> normalised float32 [B, S, S, 3] under `params` (augment.apply's semantics)."""
+  x = images.astype(jnp.float32) / 255.0
+  _, height, width, _ = x.shape
+  size = cfg.image_size
+  i, j, h, w = (params["crop"][:, k] for k in range(4))
+  x = _separable(x, _resize_matrix(i, h, height, size), _resize_matrix(j, w, width, size))
+  x = jnp.where(params["flip"][:, None, None, None], x[:, :, ::-1, :], x)
+  x = _color_jitter(x, params)
+  x = jnp.where(params["grayscale"][:, None, None, None], jnp.broadcast_to(_grayscale(x), x.shape), x)
+  blur = _blur_matrix(params["blur_sigma"], size, cfg.blur_kernel_size)
+  x = jnp.where(params["blur"][:, None, None, None], _separable(x, blur, blur), x)
+  return (x - jnp.asarray(cfg.mean, jnp.float32)) / jnp.asarray(cfg.std, jnp.float32)
+
+
+def pretraining_views(images, key, cfg: AugmentConfig, *, num_chunks: int, with_equivariance: bool = True) -> dict:
+  """The four views of a (global) uint8 batch, as augment.pretraining_views: x1, x2 per image,
+  e1, e2 one parameter set per chunk of B / num_chunks consecutive images."""
+  b, height, width, _ = images.shape
+  out = {}
+  for name, view in (("x1", 0), ("x2", 1)):
+    out[name] = apply(images, sample_params(jax.random.fold_in(key, view), b, height, width, cfg), cfg)
+  if with_equivariance:
+    for name, view in (("e1", 2), ("e2", 3)):
+      p = sample_params(jax.random.fold_in(key, view), num_chunks, height, width, cfg, crop=cfg.equiv_crop)
+      out[name] = apply(images, repeat_params(p, b // num_chunks), cfg)
+  return out

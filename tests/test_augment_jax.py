@@ -1,0 +1,62 @@
+"""The on-device backend against the tf.data reference: same parameters -> same views."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import jax
+import jax.numpy as jnp
+
+from care_jax import augment, augment_jax
+
+CFG = augment.AugmentConfig(image_size=16, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+
+
+def _images(n, size, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("source_size", [16, 28])  # same size, and a resize (Fashion-MNIST 28 -> 16 here)
+def test_same_parameters_give_the_same_views_as_tf(source_size):
+  images = _images(64, source_size)
+  params = augment.sample_params(tf.constant([3, 4], tf.int64), 64, source_size, source_size, CFG)
+  # Force every branch to appear: half the images jittered/grey/blurred, the rest not.
+  params = {k: v.numpy() for k, v in params.items()}
+  for key in ("jitter", "grayscale", "blur", "flip"):
+    params[key] = np.arange(64) % (2 if key != "grayscale" else 4) == 0
+  want = augment.apply(tf.constant(images), {k: tf.constant(v) for k, v in params.items()}, CFG).numpy()
+  got = np.asarray(jax.jit(augment_jax.apply, static_argnums=2)(jnp.asarray(images), params, CFG))
+  # Bilinear taps and the hue round trip differ in float rounding only; the
+  # views are in normalised units (std 0.2-0.3), so 2e-3 is ~1/8 of a grey level.
+  np.testing.assert_allclose(got, want, atol=2e-3)
+  assert np.abs(got - want).mean() < 1e-4
+
+
+def test_sampled_parameters_follow_the_reference_distributions():
+  n = 4000
+  jp = jax.device_get(augment_jax.sample_params(jax.random.PRNGKey(0), n, 32, 32, CFG))
+  tp = {k: v.numpy() for k, v in augment.sample_params(tf.constant([0, 1], tf.int64), n, 32, 32, CFG).items()}
+  assert set(jp) == set(tp)
+  for key in ("flip", "jitter", "grayscale", "blur"):
+    assert abs(jp[key].mean() - tp[key].mean()) < 0.04, key
+  for key in ("brightness", "contrast", "saturation", "hue", "blur_sigma"):
+    assert abs(jp[key].mean() - tp[key].mean()) < 0.02 and abs(jp[key].std() - tp[key].std()) < 0.02, key
+  area = lambda p: (p["crop"][:, 2] * p["crop"][:, 3]).mean() / (32 * 32)
+  assert abs(area(jp) - area(tp)) < 0.03
+  crop = jp["crop"]
+  assert (crop[:, 0] >= 0).all() and (crop[:, 0] + crop[:, 2] <= 32).all()
+  assert (crop[:, 1] >= 0).all() and (crop[:, 1] + crop[:, 3] <= 32).all()
+  for row in jp["jitter_order"][:50]:
+    assert sorted(row) == [0, 1, 2, 3]
+
+
+def test_device_views_share_parameters_within_chunks_and_repeat_per_key():
+  images = np.repeat(_images(1, 16), 8, axis=0)  # identical images: views differ only by parameters
+  views = jax.jit(lambda x, k: augment_jax.pretraining_views(x, k, CFG, num_chunks=2))(
+      jnp.asarray(images), jax.random.PRNGKey(5))
+  e1 = np.asarray(views["e1"])
+  np.testing.assert_array_equal(e1[:4], np.broadcast_to(e1[:1], e1[:4].shape))  # one chunk, one augmentation
+  assert np.abs(e1[0] - e1[4]).max() > 1e-3  # the other chunk drew another
+  x1 = np.asarray(views["x1"])
+  assert min(np.abs(x1[0] - x1[i]).max() for i in range(1, 8)) > 1e-3  # per image
+  again = augment_jax.pretraining_views(jnp.asarray(images), jax.random.PRNGKey(5), CFG, num_chunks=2)
+  np.testing.assert_allclose(np.asarray(again["e2"]), np.asarray(views["e2"]), atol=1e-5)
