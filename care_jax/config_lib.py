@@ -27,6 +27,7 @@ MOCO_OBJECTIVES = ("moco", "moco_care")
 GEOMETRIES = ("sphere", "hyperboloid", "symplectic")
 EQUIVARIANCE_FORMS = {"sphere": None, "hyperboloid": "minkowski", "symplectic": "symplectic"}
 DTYPES = ("float32", "bfloat16")
+AUGMENT_BACKENDS = ("tf", "device")
 # Datasets the input pipeline reads (besides npz:/folder: sources and other tfds names).
 KNOWN_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet2012", "mnist", "svhn_cropped")
 _LOCAL_PREFIXES = ("npz:", "folder:")
@@ -62,6 +63,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.equiv_weight = 0.03
   c.equiv_splits = 16
   c.equiv_crop = True  # False: the equivariance views skip the crop (release's ImageNet-100).
+  # tf: tf.data on the host CPU (care_jax/augment.py); device: the dataset held on the
+  # accelerator as uint8, shuffled and augmented inside the jitted step (care_jax/augment_jax.py).
+  c.augment_backend = "tf"
   # MoCo-v2 (objective moco / moco_care): EMA key encoder and a queue of negatives.
   c.moco_momentum = 0.99  # key encoder = m * key + (1 - m) * query, every step.
   c.moco_queue_size = 65536  # a multiple of batch_size.
@@ -160,6 +164,7 @@ def validate(config, num_devices: int = 1) -> None:
   _choice(config, "schedule", SCHEDULES)
   _choice(config, "objective", OBJECTIVES)
   _choice(config, "geometry", GEOMETRIES)
+  _choice(config, "augment_backend", AUGMENT_BACKENDS)
   _choice(config, "proj_head", resnet.PROJECTION_HEADS)
   _choice(config, "dtype", DTYPES)
   _choice(config, "model", tuple(sorted(resnet.STAGE_SIZES)))

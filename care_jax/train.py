@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from care_jax import checkpoints, config_lib, evaluate, losses, metric_writers, moco
+from care_jax import augment_jax, checkpoints, config_lib, evaluate, losses, metric_writers, moco
 from care_jax.models import resnet
 
 VIEWS = ("x1", "x2", "e1", "e2")
@@ -173,6 +173,54 @@ def make_train_step(model, tx, config, schedule: optax.Schedule) -> Callable:
   return train_step
 
 
+def with_device_augmentation(train_step, config, aug) -> Callable:
+  """step(state, {"images": uint8 [B, H, W, 3]}): the views are made inside the compiled step.
+
+  Keys fold (rng, step) like every other per-step draw, so a resumed run
+  redraws exactly the views it would have seen.
+  """
+  with_equivariance = config_lib.uses_equivariance(config)
+
+  def step(state: TrainState, batch):
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, _AUGMENT_STREAM), state.step)
+    views = augment_jax.pretraining_views(batch["images"], key, aug, num_chunks=config.equiv_splits,
+                                          with_equivariance=with_equivariance)
+    return train_step(state, views)
+
+  return step
+
+
+_AUGMENT_STREAM = 0x61756720  # separates the augmentation keys from the other uses of state.rng
+
+
+class DeviceFeed:
+  """The whole uint8 training set on the devices; each step's batch is gathered there.
+
+  Per epoch one permutation drawn on the device from (seed, epoch); step s
+  takes rows [(s mod E) B, (s mod E + 1) B) of it (E steps per epoch, the
+  remainder dropped as in the tf.data pipeline), so batches depend on the
+  step alone and a resumed run continues exactly. Only a step number crosses
+  from the host per step.
+  """
+
+  def __init__(self, images: np.ndarray, mesh: Mesh, seed: int, global_batch: int, steps_per_epoch: int):
+    self.images = jax.device_put(images, NamedSharding(mesh, P()))
+    n, self._batch, self._steps_per_epoch = len(images), global_batch, steps_per_epoch
+    key = jax.random.PRNGKey(seed)
+    self._permutation = jax.jit(lambda epoch: jax.random.permutation(jax.random.fold_in(key, epoch), n))
+    self._gather = jax.jit(
+        lambda images, order, offset: jnp.take(images, jax.lax.dynamic_slice_in_dim(order, offset, global_batch),
+                                               axis=0),
+        out_shardings=NamedSharding(mesh, P("data")))
+    self._epoch, self._order = None, None
+
+  def batch(self, step: int) -> dict:
+    epoch, index = divmod(int(step), self._steps_per_epoch)
+    if epoch != self._epoch:
+      self._epoch, self._order = epoch, self._permutation(epoch)
+    return {"images": self._gather(self.images, self._order, index * self._batch)}
+
+
 def compile_train_step(train_step, mesh: Mesh):
   replicated = NamedSharding(mesh, P())
   return jax.jit(train_step, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
@@ -278,18 +326,28 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   to_global = global_batch_builder(mesh)
-  p_train_step = compile_train_step(make_train_step(model, tx, config, schedule), mesh)
   # Final-report features go to workdir/features for later evaluations of the checkpoint.
   evaluator = evaluate.RunEvaluator(config, model, mesh, log=writer.note, cache_dir=workdir / "features")
   evaluator.add_data(config.train_split, train_data)
 
   views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
   last_step = durations.total_steps if stop_at_step is None else min(stop_at_step, durations.total_steps)
-  batches = input_pipeline.pretraining_dataset(
-      train_data, seed=config.seed, global_batch=config.batch_size, num_chunks=config.equiv_splits,
-      aug=evaluator.aug,
-      start_step=start_step, num_steps=max(0, last_step - start_step), process_index=jax.process_index(),
-      process_count=jax.process_count(), with_equivariance=len(views) == 4).as_numpy_iterator()
+  train_step = make_train_step(model, tx, config, schedule)
+  if config.augment_backend == "device":
+    feed = DeviceFeed(train_data.images, mesh, config.seed, config.batch_size, durations.steps_per_epoch)
+    train_step = with_device_augmentation(train_step, config, evaluator.aug)
+    next_batch = feed.batch
+  else:
+    batches = input_pipeline.pretraining_dataset(
+        train_data, seed=config.seed, global_batch=config.batch_size, num_chunks=config.equiv_splits,
+        aug=evaluator.aug,
+        start_step=start_step, num_steps=max(0, last_step - start_step), process_index=jax.process_index(),
+        process_count=jax.process_count(), with_equivariance=len(views) == 4).as_numpy_iterator()
+
+    def next_batch(step):
+      local = next(batches)
+      return {v: to_global(local[v]) for v in views}
+  p_train_step = compile_train_step(train_step, mesh)
 
   stop = _StopFlag().install()
   status = "finished"
@@ -299,9 +357,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   try:
     step = start_step
     while step < last_step:
-      local = next(batches)
-      batch = {v: to_global(local[v]) for v in views}
-      state, metrics = p_train_step(state, batch)
+      state, metrics = p_train_step(state, next_batch(step))
       step += 1
       window_steps += 1
       if pending is not None:
