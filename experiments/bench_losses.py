@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from care_jax import losses  # noqa: E402
+from experiments import torch_reference as torch_reference_lib  # noqa: E402
 
 TEMPERATURE = 0.5
 EQUIV_WEIGHT = 0.03
@@ -102,40 +103,9 @@ def jax_floor():
 # ------------------------------------------------------------------ baselines
 
 
-def _torch_module():
-  try:
-    import torch  # noqa: PLC0415 (optional dependency)
-    return torch
-  except ImportError:
-    return None
-
-
 def torch_reference(torch, device):
-  """The release's loss algorithm, transcribed."""
-
-  def negative_mask(batch_size):
-    mask = torch.ones((batch_size, 2 * batch_size), dtype=torch.bool)
-    for i in range(batch_size):
-      mask[i, i] = 0
-      mask[i, i + batch_size] = 0
-    return torch.cat((mask, mask), 0)
-
-  def care(z1, z2, e1, e2, num_chunks):
-    b = z1.shape[0]
-    out = torch.cat([z1, z2], dim=0)
-    neg = torch.exp(torch.mm(out, out.t().contiguous()) / TEMPERATURE)
-    neg = neg.masked_select(negative_mask(b).to(device)).view(2 * b, -1)
-    pos = torch.exp(torch.sum(z1 * z2, dim=-1) / TEMPERATURE)
-    pos = torch.cat([pos, pos], dim=0)
-    nce = (-torch.log(pos / (pos + neg.sum(dim=-1)))).mean()
-    n = b // num_chunks
-    equi = 0.0
-    for k in range(num_chunks):
-      a, c = e1[k * n:(k + 1) * n], e2[k * n:(k + 1) * n]
-      offdiag = ~torch.eye(n, dtype=torch.bool, device=device)
-      diff = (torch.mm(a, a.t()) - torch.mm(c, c.t())).masked_select(offdiag)
-      equi = equi + (diff ** 2).sum() * 2.0 / n
-    return nce + EQUIV_WEIGHT * equi / num_chunks
+  """The release's loss algorithm (experiments/torch_reference.py), timed forward+backward."""
+  care = torch_reference_lib.care_loss_fn(torch, device, TEMPERATURE, EQUIV_WEIGHT)
 
   def make(arrays, num_chunks):
     ts = [torch.tensor(x, device=device, requires_grad=True) for x in arrays]
@@ -210,7 +180,7 @@ def main(argv=None):
 
   dev = jax.devices()[0]
   device_name = f"{dev.platform}:{getattr(dev, 'device_kind', '')}".rstrip(":")
-  torch = _torch_module()
+  torch = torch_reference_lib.torch_module()
   if torch is not None:
     tdev = torch.device("cuda" if dev.platform == "gpu" and torch.cuda.is_available() else "cpu")
     make_torch = torch_reference(torch, tdev)

@@ -1,0 +1,172 @@
+"""Benchmark: the CARE train step (4 views, forward + backward + Adam) against the PyTorch reference.
+
+    python -m experiments.bench_train_step            # accelerator grid: ResNet-18/50, B 256/512/1024, fp32/bf16
+    python -m experiments.bench_train_step --quick    # CPU-sized: ResNet-18 width 0.125, B 256, fp32
+
+One row per (model, B, dtype, augmentation): median step ms, images/s, XLA's
+FLOPs per image from the compiled step's cost analysis, MFU against the
+device's dense bf16 peak (where known), and the PyTorch reference's step ms
+and images/s on the same device in the same run with the speed-up over it.
+
+augmentation 'views': the four float views are given (what the tf.data
+pipeline feeds); 'device': uint8 images go in and care_jax/augment_jax.py
+makes the views inside the compiled step (the config's augment_backend=device).
+The reference is experiments/torch_reference.py: the release's step (four
+forward passes, its loss formulation, Adam, fp32 eager); it is timed once per
+(model, B) with given views, as the release feeds it from a DataLoader.
+The CIFAR-10 CARE config (configs/cifar10_care.py) supplies everything else.
+Timings: steps run back to back, the clock read after blocking on the last
+one, median of --repeats windows; only the ratios of one run are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from care_jax import config_lib, train
+from care_jax.augment_config import augment_config
+from experiments import torch_reference
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Dense bf16 tensor-core peaks (FLOP/s) by device_kind substring; MFU is "-" elsewhere.
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "V5E": 197e12, "V4": 275e12}
+
+
+def _peak(device) -> float | None:
+  kind = getattr(device, "device_kind", "").upper().replace(" ", "")
+  return next((v for k, v in BF16_PEAK.items() if k in kind), None)
+
+
+def _config(model: str, width: float, batch: int, dtype: str, augment: str):
+  c = config_lib.load_config_file(ROOT / "configs" / "cifar10_care.py")
+  c.model, c.model_width, c.batch_size, c.dtype = model, width, batch, dtype
+  c.augment_backend = "device" if augment == "device" else "tf"
+  c.num_train_steps = 1000
+  config_lib.validate(c, jax.device_count())
+  return c
+
+
+def _inputs(config, mesh, seed=0):
+  rng = np.random.default_rng(seed)
+  to_global = train.global_batch_builder(mesh)
+  shape = (config.batch_size, config.image_size, config.image_size, 3)
+  if config.augment_backend == "device":
+    return {"images": to_global(rng.integers(0, 256, shape, dtype=np.uint8))}
+  return {v: to_global(rng.normal(size=shape).astype(np.float32)) for v in train.VIEWS}
+
+
+def _timed_windows(run_steps, steps: int, repeats: int) -> float:
+  """Median ms per step over `repeats` windows of `steps` back-to-back steps."""
+  run_steps(2)  # warm-up (compiled already)
+  per_step = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    run_steps(steps)
+    per_step.append((time.perf_counter() - t0) * 1e3 / steps)
+  return statistics.median(per_step)
+
+
+def jax_row(config, steps: int, repeats: int) -> dict:
+  mesh = train.make_mesh()
+  model = train.build_model(config)
+  schedule = train.learning_rate_schedule(config, config_lib.resolve_durations(config, 50000))
+  tx = train.make_optimizer(config, schedule)
+  state = train.create_train_state(model, tx, config, mesh)
+  step_fn = train.make_train_step(model, tx, config, schedule)
+  if config.augment_backend == "device":
+    step_fn = train.with_device_augmentation(step_fn, config, augment_config(config.dataset, config.image_size))
+  step = train.compile_train_step(step_fn, mesh)
+  batch = _inputs(config, mesh)
+  compiled = step.lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  holder = {"state": state}
+
+  def run(n):
+    s = holder["state"]
+    for _ in range(n):
+      s, metrics = compiled(s, batch)
+    jax.block_until_ready(metrics["loss"])
+    holder["state"] = s
+
+  ms = _timed_windows(run, steps, repeats)
+  return {"ms": ms, "flops_per_image": flops / config.batch_size, "flops_per_step": flops}
+
+
+def torch_row(torch, config, steps: int, repeats: int):
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  model = torch_reference.resnet_model(torch, config.model, config.model_width, config.proj_hidden_dim,
+                                       config.proj_dim).to(device)
+  step = torch_reference.care_train_step(torch, device, model, temperature=config.temperature,
+                                         equiv_weight=config.equiv_weight, num_chunks=config.equiv_splits,
+                                         learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+  gen = torch.Generator(device="cpu").manual_seed(0)
+  shape = (config.batch_size, 3, config.image_size, config.image_size)
+  views = {v: torch.randn(shape, generator=gen).to(device) for v in train.VIEWS}
+
+  def run(n):
+    for _ in range(n):
+      step(views)
+    if device.type == "cuda":
+      torch.cuda.synchronize()
+
+  return _timed_windows(run, steps, repeats), device.type
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  on_cpu = jax.devices()[0].platform == "cpu"
+  parser.add_argument("--quick", action="store_true", help="CPU-sized grid (the default on a CPU)")
+  parser.add_argument("--models", nargs="*", default=None)
+  parser.add_argument("--batch-sizes", type=int, nargs="*", default=None)
+  parser.add_argument("--dtypes", nargs="*", default=None)
+  parser.add_argument("--augment", nargs="*", default=["views", "device"], choices=["views", "device"])
+  parser.add_argument("--width", type=float, default=None, help="ResNet width multiplier")
+  parser.add_argument("--steps", type=int, default=None, help="steps per timing window")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--no-torch", action="store_true")
+  args = parser.parse_args(argv)
+  quick = args.quick or on_cpu
+  models = args.models or (["resnet18"] if quick else ["resnet18", "resnet50"])
+  batch_sizes = args.batch_sizes or ([256] if quick else [256, 512, 1024])
+  dtypes = args.dtypes or (["float32"] if quick else ["float32", "bfloat16"])
+  width = args.width or (0.125 if quick else 1.0)
+  steps = args.steps or (3 if quick else 20)
+  torch = None if args.no_torch else torch_reference.torch_module()
+
+  dev = jax.devices()[0]
+  peak = _peak(dev)
+  print(f"# CARE train step (4 views, fwd+bwd+Adam), CIFAR 32x32, width {width}; jax {jax.__version__} on "
+        f"{jax.device_count()} x {dev.device_kind}; bf16 peak {peak / 1e12 if peak else '-'} TFLOP/s; "
+        f"baseline: {'torch ' + torch.__version__ if torch else 'none'}")
+  header = (f"{'model':<9} {'B':>5} {'dtype':<8} {'augment':<7} {'step ms':>9} {'img/s':>9} {'GFLOP/img':>9} "
+            f"{'MFU':>6} {'torch ms':>9} {'torch img/s':>11} {'speed-up':>8}")
+  print(header)
+  print("-" * len(header))
+  for model in models:
+    for batch in batch_sizes:
+      torch_ms = None
+      if torch is not None:
+        torch_ms, _ = torch_row(torch, _config(model, width, batch, "float32", "views"), steps, args.repeats)
+      for dtype in dtypes:
+        for augment in args.augment:
+          config = _config(model, width, batch, dtype, augment)
+          r = jax_row(config, steps, args.repeats)
+          ips = batch / r["ms"] * 1e3
+          mfu = f"{100 * r['flops_per_step'] / (r['ms'] / 1e3) / peak:5.1f}%" if peak else "     -"
+          base = (f"{torch_ms:9.1f} {batch / torch_ms * 1e3:11.0f} {torch_ms / r['ms']:7.2f}x" if torch_ms
+                  else f"{'-':>9} {'-':>11} {'-':>8}")
+          print(f"{model:<9} {batch:>5} {dtype:<8} {augment:<7} {r['ms']:9.1f} {ips:9.0f} "
+                f"{r['flops_per_image'] / 1e9:9.3f} {mfu:>6} {base}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
