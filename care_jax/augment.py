@@ -94,6 +94,22 @@ def sample_params(seed, num: int, height: int, width: int, cfg: AugmentConfig, c
   }
 
 
+def random_resized_crop(image, seed, size: int, cfg: AugmentConfig):
+  """One image of any shape (uint8 [H, W, 3]) -> float32 [size, size, 3] in [0, 1] under a
+  RandomResizedCrop drawn from `seed` on its own size: the streaming path's first step,
+  before images of different sizes can be batched."""
+  shape = tf.shape(image)
+  box = _sample_crop_boxes(seed, 1, shape[0], shape[1], cfg, True)[0]
+  return _crop_resize(tf.cast(image, tf.float32)[None] / 255.0, box[None], size)[0]
+
+
+def resize_whole(image, size: int):
+  """uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 1]: the full-image box, bilinear."""
+  shape = tf.shape(image)
+  box = tf.stack([0.0, 0.0, tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)])
+  return _crop_resize(tf.cast(image, tf.float32)[None] / 255.0, box[None], size)[0]
+
+
 def repeat_params(params, n: int):
   """Each parameter set repeated over n consecutive images (one chunk each)."""
   return {k: tf.repeat(v, n, axis=0) for k, v in params.items()}
@@ -176,16 +192,20 @@ def _gaussian_blur(x, sigma, kernel_size):
   return tf.transpose(tf.reshape(y, [h, w, b, c]), [2, 0, 1, 3])
 
 
-def apply(images, params, cfg: AugmentConfig):
-  """images uint8 [B, H, W, 3] -> normalised float32 [B, S, S, 3] under `params`."""
-  x = tf.cast(images, tf.float32) / 255.0
+def _crop_resize(x, crop, size: int):
+  """float [B, H, W, C] -> [B, size, size, C]: pixel boxes (i, j, h, w) resampled bilinearly."""
   shape = tf.shape(x)
   h1 = tf.cast(shape[1] - 1, tf.float32)
   w1 = tf.cast(shape[2] - 1, tf.float32)
-  i, j, h, w = tf.unstack(params["crop"], axis=1)
+  i, j, h, w = tf.unstack(crop, axis=1)
   boxes = tf.stack([i / h1, j / w1, (i + h - 1) / h1, (j + w - 1) / w1], axis=1)
-  size = cfg.image_size
-  x = tf.image.crop_and_resize(x, boxes, tf.range(shape[0]), [size, size], method="bilinear")
+  return tf.image.crop_and_resize(x, boxes, tf.range(shape[0]), [size, size], method="bilinear")
+
+
+def apply(images, params, cfg: AugmentConfig):
+  """images uint8 [B, H, W, 3] (or float in [0, 1]) -> normalised float32 [B, S, S, 3] under `params`."""
+  x = tf.cast(images, tf.float32) / 255.0 if images.dtype == tf.uint8 else tf.cast(images, tf.float32)
+  x = _crop_resize(x, params["crop"], cfg.image_size)
   x = tf.where(params["flip"][:, None, None, None], tf.reverse(x, axis=[2]), x)
   x = _color_jitter(x, params)
   x = tf.where(params["grayscale"][:, None, None, None], tf.tile(_grayscale(x), [1, 1, 1, 3]), x)

@@ -29,7 +29,11 @@ EQUIVARIANCE_FORMS = {"sphere": None, "hyperboloid": "minkowski", "symplectic": 
 DTYPES = ("float32", "bfloat16")
 AUGMENT_BACKENDS = ("tf", "device")
 # Datasets the input pipeline reads (besides npz:/folder: sources and other tfds names).
-KNOWN_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet2012", "mnist", "svhn_cropped")
+KNOWN_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet2012", "imagenet100", "mnist",
+                  "svhn_cropped")
+# Read as a tfds stream for pretraining (too large for memory); imagenet100 = the
+# release's 100-class subset of imagenet2012.
+STREAMING_DATASETS = ("imagenet2012", "imagenet100")
 _LOCAL_PREFIXES = ("npz:", "folder:")
 
 
@@ -177,6 +181,10 @@ def validate(config, num_devices: int = 1) -> None:
   if not (dataset.startswith(_LOCAL_PREFIXES) or dataset in KNOWN_DATASETS or "/" in dataset):
     raise ConfigError(f"dataset={dataset!r} is not known; use one of {', '.join(KNOWN_DATASETS)}, "
                       f"npz:/path/file.npz or folder:/path/to/root.{did_you_mean(dataset, KNOWN_DATASETS)}")
+
+  if dataset in STREAMING_DATASETS and config.augment_backend == "device":
+    raise ConfigError(f"augment_backend='device' holds the whole dataset on the devices; {dataset!r} is streamed: "
+                      "set --config.augment_backend=tf")
 
   batch, splits = config.batch_size, config.equiv_splits
   if batch % num_devices:

@@ -73,7 +73,24 @@ def load_fashion_mnist_idx(split: str, directory: str = FASHION_MNIST_DIR):
   return _read_idx(img), _read_idx(lab).astype(np.int32)
 
 
-def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool):
+# The release's ImageNet-100: CMC's 100 ImageNet-1k classes (github.com/HobbitLong/CMC, issue 21).
+IMAGENET100_CLASSES = tuple("""
+n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245 n01773797
+n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653
+n02086910 n02859443 n13040303 n03594734 n02085620 n02099849 n01558993 n04493381 n02109047 n04111531
+n02877765 n04429376 n02009229 n01978455 n02106550 n01820546 n01692333 n07714571 n02974003 n02114855
+n03785016 n03764736 n03775546 n02087046 n07836838 n04099969 n04592741 n03891251 n02701002 n03379051
+n02259212 n07715103 n03947888 n04026417 n02326432 n03637318 n01980166 n02113799 n02086240 n03903868
+n02483362 n04127249 n02089973 n03017168 n02093428 n02804414 n02396427 n04418357 n02172182 n01729322
+n02113978 n03787032 n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029
+n03837869 n03494278 n04136333 n03794056 n03492542 n02018207 n04067472 n03930630 n03584829 n02123045
+n04229816 n02100583 n03642806 n04336792 n03259280 n02116738 n02108089 n03424325 n01855672 n02090622
+""".split())
+STREAMING_DATASETS = config_lib.STREAMING_DATASETS  # read as a stream for pretraining
+
+
+def _tfds_builder(name: str, data_dir: Optional[str], download: bool):
+  """The prepared tfds builder, or a one-line DatasetUnavailableError within seconds."""
   import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy; only for tfds sources)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -89,12 +106,51 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool):
         f"prepare it with tfds (tfds build {name} --data_dir=DIR, manual files under DIR/downloads/manual) "
         "and pass --config.data_dir=DIR, set --config.download=True where the network is reachable, "
         "or give --config.dataset=npz:/path/file.npz")
+  return builder
+
+
+def _class_subset(name: str, builder):
+  """(tfds name, lookup table old label -> new label or -1, number of classes) for a class subset."""
+  if name != "imagenet100":
+    return None, None
+  label = builder.info.features["label"]
+  old = tf.constant([label.str2int(w) for w in IMAGENET100_CLASSES], tf.int64)
+  table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+      old, tf.range(len(IMAGENET100_CLASSES), dtype=tf.int64)), default_value=-1)
+  return table, len(IMAGENET100_CLASSES)
+
+
+def _tfds_name(name: str) -> str:
+  return "imagenet2012" if name == "imagenet100" else name
+
+
+def _center_crop_uint8(image, size: int):
+  """Evaluation view of a variable-size image: shorter side to size * 256/224, centre size x size."""
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = size * 256.0 / 224.0 / tf.reduce_min(shape)
+  resized = tf.image.resize(image, tf.cast(tf.round(shape * scale), tf.int32), method="bilinear", antialias=True)
+  crop = tf.image.resize_with_crop_or_pad(resized, size, size)
+  return tf.cast(tf.clip_by_value(tf.round(crop), 0, 255), tf.uint8)
+
+
+def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool, image_size: int = 0):
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  builder = _tfds_builder(_tfds_name(name), data_dir, download)
+  ds = builder.as_dataset(split=split)
+  table, subset_classes = _class_subset(name, builder)
+  if table is not None:
+    ds = ds.map(lambda ex: dict(ex, label=table.lookup(tf.cast(ex["label"], tf.int64))))
+    ds = ds.filter(lambda ex: ex["label"] >= 0)
+  if None in builder.info.features["image"].shape[:2]:  # variable size (ImageNet): fixed-size eval views
+    ds = ds.map(lambda ex: dict(ex, image=_center_crop_uint8(ex["image"], image_size)),
+                num_parallel_calls=tf.data.AUTOTUNE)
   # Batches of 4096, not batch_size=-1: that path (get_single_element) aborts
   # the process on TF 2.21 for datasets of unknown cardinality.
-  parts = list(tfds.as_numpy(builder.as_dataset(split=split).batch(4096)))
+  parts = list(tfds.as_numpy(ds.batch(4096)))
   data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {"image": np.zeros((0, 1, 1, 3), np.uint8)}
   labels = data.get("label", np.full(len(data["image"]), -1))
-  num_classes = builder.info.features["label"].num_classes if "label" in builder.info.features else 0
+  num_classes = subset_classes or (builder.info.features["label"].num_classes if "label" in builder.info.features
+                                   else 0)
   return data["image"], np.asarray(labels, np.int32), num_classes
 
 
@@ -160,14 +216,14 @@ def load_dataset(name: str, split: str, image_size: int, data_dir: Optional[str]
       classes = 10
     except FileNotFoundError:
       try:
-        images, labels, classes = _load_tfds(name, split, data_dir, download)
+        images, labels, classes = _load_tfds(name, split, data_dir, download, image_size)
       except DatasetUnavailableError:
         raise DatasetUnavailableError(
             f"dataset: fashion_mnist not found: install Debian's files (apt-get install -y dataset-fashion-mnist, "
             f"into {FASHION_MNIST_DIR}), pass --config.data_dir=DIR with a prepared tfds copy, "
             "or give --config.dataset=npz:/path/file.npz") from None
   else:
-    images, labels, classes = _load_tfds(name, split, data_dir, download)
+    images, labels, classes = _load_tfds(name, split, data_dir, download, image_size)
   if len(images) == 0:
     raise DatasetUnavailableError(f"dataset: {name!r} split {split!r} is empty")
   return ArrayDataset(_to_rgb_size(images, image_size), labels, classes)
@@ -215,6 +271,95 @@ def pretraining_dataset(data: ArrayDataset, *, seed: int, global_batch: int, num
   options.threading.private_threadpool_size = max(1, os.cpu_count() or 1)
   return (steps.map(batch_for_step, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
           .prefetch(prefetch).with_options(options))
+
+
+def streaming_num_examples(name: str, split: str, data_dir: Optional[str], download: bool = False) -> int:
+  """Examples in a streamed split (ImageNet-100: counted through the label filter, once)."""
+  builder = _tfds_builder(_tfds_name(name), data_dir, download)
+  table, _ = _class_subset(name, builder)
+  if table is None:
+    try:
+      return int(builder.info.splits[split].num_examples)  # tfds resolves slices ('train[:10%]')
+    except KeyError:  # no split metadata (e.g. tfds' mock data): count below
+      table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(  # every label kept
+          tf.constant([0], tf.int64), tf.constant([0], tf.int64)), default_value=0)
+  labels = builder.as_dataset(split=split, decoders=_skip_image_decoding()).map(lambda ex: ex["label"])
+  return int(labels.batch(65536).reduce(tf.constant(0, tf.int64), lambda n, y: n + tf.reduce_sum(
+      tf.cast(table.lookup(tf.cast(y, tf.int64)) >= 0, tf.int64))).numpy())
+
+
+def _skip_image_decoding():
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  return {"image": tfds.decode.SkipDecoding()}
+
+
+def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[str], download: bool, seed: int,
+                                  global_batch: int, num_chunks: int, aug: augment.AugmentConfig,
+                                  start_step: int = 0, num_steps: Optional[int] = None, process_index: int = 0,
+                                  process_count: int = 1, with_equivariance: bool = True,
+                                  shuffle_buffer: int = 16384, prefetch: int = 2) -> tf.data.Dataset:
+  """Views for datasets too large for memory (imagenet2012, imagenet100), read as a tfds stream.
+
+  Each process reads its own part of the split (tfds.split_for_jax_process),
+  shuffled (files and a buffer, both seeded, order deterministic), repeated
+  over epochs. Images of any size are decoded and then, per image, get
+  their RandomResizedCrop (x1, x2; drawn on the image's own size) or a
+  whole-image resize (e1, e2); batched, the rest of the augmentation runs
+  vectorised as in the in-memory path, with the chunk-shared parameters of
+  e1, e2 (and their crop, when equiv_crop, on the resized image). A resumed
+  run skips the examples of the steps already taken (exact, at the cost of
+  reading past them). Yields dicts like pretraining_dataset's.
+  """
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  if global_batch % process_count:
+    raise ValueError(f"batch_size={global_batch} is not divisible by the process count {process_count}")
+  local = global_batch // process_count
+  offset = process_index * local
+  builder = _tfds_builder(_tfds_name(name), data_dir, download)
+  table, _ = _class_subset(name, builder)
+  part = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
+  read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=True)
+  ds = builder.as_dataset(split=part, shuffle_files=True, read_config=read_config, decoders=_skip_image_decoding())
+  if table is not None:
+    ds = ds.map(lambda ex: dict(ex, label=table.lookup(tf.cast(ex["label"], tf.int64))))
+    ds = ds.filter(lambda ex: ex["label"] >= 0)
+  ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  size = aug.image_size
+
+  def sources(index, ex):
+    image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    per_image = lambda view: tf.random.experimental.stateless_fold_in(
+        augment.view_seed(seed, index, view), process_index)
+    return {"x1": augment.random_resized_crop(image, per_image(0), size, aug),
+            "x2": augment.random_resized_crop(image, per_image(1), size, aug),
+            "e": augment.resize_whole(image, size), "labels": tf.cast(ex["label"], tf.int32)}
+
+  ds = ds.skip(start_step * local).enumerate(start_step * local)
+  ds = ds.map(sources, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  whole = tf.constant([0.0, 0.0, float(size), float(size)])
+
+  def views(step, batch):
+    out = {"labels": batch["labels"], "step": step}
+    for view, v in (("x1", 0), ("x2", 1)):
+      p = augment.slice_params(augment.sample_params(augment.view_seed(seed, step, v), global_batch, size, size, aug),
+                               offset, local)
+      p["crop"] = tf.tile(whole[None], [local, 1])  # already cropped per image
+      out[view] = augment.apply(batch[view], p, aug)
+    if with_equivariance:
+      n = global_batch // num_chunks
+      for view, v in (("e1", 2), ("e2", 3)):
+        p = augment.sample_params(augment.view_seed(seed, step, v), num_chunks, size, size, aug, crop=aug.equiv_crop)
+        out[view] = augment.apply(batch["e"], augment.slice_params(augment.repeat_params(p, n), offset, local), aug)
+    return out
+
+  ds = ds.enumerate(start_step).map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if num_steps is not None:
+    ds = ds.take(num_steps)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.prefetch(prefetch).with_options(options)
 
 
 def eval_batches(data: ArrayDataset, *, global_batch: int, aug: augment.AugmentConfig,

@@ -306,9 +306,16 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   config_lib.validate(config, jax.device_count())
   is_chief = jax.process_index() == 0
 
-  train_data = input_pipeline.load_dataset(config.dataset, config.train_split, config.image_size,
-                                           config.data_dir or None, config.download)
-  durations = config_lib.resolve_durations(config, len(train_data.images))
+  streaming = config.dataset in config_lib.STREAMING_DATASETS
+  if streaming:  # never read whole: count, then stream (the evaluator loads its splits when it runs)
+    train_data = None
+    num_train = input_pipeline.streaming_num_examples(config.dataset, config.train_split, config.data_dir or None,
+                                                      config.download)
+  else:
+    train_data = input_pipeline.load_dataset(config.dataset, config.train_split, config.image_size,
+                                             config.data_dir or None, config.download)
+    num_train = len(train_data.images)
+  durations = config_lib.resolve_durations(config, num_train)
 
   model = build_model(config)
   schedule = learning_rate_schedule(config, durations)
@@ -328,7 +335,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   to_global = global_batch_builder(mesh)
   # Final-report features go to workdir/features for later evaluations of the checkpoint.
   evaluator = evaluate.RunEvaluator(config, model, mesh, log=writer.note, cache_dir=workdir / "features")
-  evaluator.add_data(config.train_split, train_data)
+  if train_data is not None:
+    evaluator.add_data(config.train_split, train_data)
 
   views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
   last_step = durations.total_steps if stop_at_step is None else min(stop_at_step, durations.total_steps)
@@ -338,11 +346,16 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
     train_step = with_device_augmentation(train_step, config, evaluator.aug)
     next_batch = feed.batch
   else:
-    batches = input_pipeline.pretraining_dataset(
-        train_data, seed=config.seed, global_batch=config.batch_size, num_chunks=config.equiv_splits,
-        aug=evaluator.aug,
-        start_step=start_step, num_steps=max(0, last_step - start_step), process_index=jax.process_index(),
-        process_count=jax.process_count(), with_equivariance=len(views) == 4).as_numpy_iterator()
+    common = dict(seed=config.seed, global_batch=config.batch_size, num_chunks=config.equiv_splits,
+                  aug=evaluator.aug, start_step=start_step, num_steps=max(0, last_step - start_step),
+                  process_index=jax.process_index(), process_count=jax.process_count(),
+                  with_equivariance=len(views) == 4)
+    if streaming:
+      batches = input_pipeline.streaming_pretraining_dataset(
+          config.dataset, config.train_split, data_dir=config.data_dir or None, download=config.download, **common)
+    else:
+      batches = input_pipeline.pretraining_dataset(train_data, **common)
+    batches = batches.as_numpy_iterator()
 
     def next_batch(step):
       local = next(batches)

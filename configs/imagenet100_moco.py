@@ -9,8 +9,8 @@ momentum key encoder (0.99), a queue of 65536 negatives and its MLP head (2048
 hidden, no BatchNorm). BatchNorm runs in 8 groups with the keys shuffled across
 them (MoCo's shuffled BN); the grouping is part of the config, so a run
 reproduces on any device count.
-Not runnable as is yet: the input pipeline reads splits into memory and has no
-ImageNet-100 class filter (README, status); the settings are recorded here.
+Data as configs/imagenet100_care.py: tfds imagenet2012 under data_dir, the 100
+classes streamed for pretraining.
 """
 
 import pathlib

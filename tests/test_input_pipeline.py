@@ -115,3 +115,31 @@ def test_image_folder_source_resizes_mixed_sizes(tmp_path):
   # The 8x8 image is already at size: it comes back unchanged.
   original = tf.io.decode_png(tf.io.read_file(str(tmp_path / "dog" / "0.png"))).numpy()
   np.testing.assert_array_equal(data.images[2], original)
+
+
+def test_imagenet100_streams_the_subset_resumes_exactly_and_splits_across_processes():
+  import tensorflow_datasets as tfds
+  aug = augment.AugmentConfig(image_size=16, equiv_crop=False)
+  args = dict(data_dir=None, download=True, seed=0, global_batch=4, num_chunks=2, aug=aug)
+  with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+    full = list(ip.streaming_pretraining_dataset("imagenet2012", "train", num_steps=3, **args).as_numpy_iterator())
+    resumed = list(ip.streaming_pretraining_dataset("imagenet2012", "train", start_step=2, num_steps=1,
+                                                    **args).as_numpy_iterator())
+    subset = ip.load_dataset("imagenet100", "validation", 16, download=True)
+    builder = tfds.builder("imagenet2012")
+    names = builder.info.features["label"].names
+    everything = ip.load_dataset("imagenet2012", "validation", 16, download=True)
+    part0 = list(ip.streaming_pretraining_dataset("imagenet2012", "train", num_steps=2, process_index=0,
+                                                  process_count=2, **args).as_numpy_iterator())
+  assert [b["step"] for b in full] == [0, 1, 2]
+  for key in ("x1", "x2", "e1", "e2", "labels"):
+    assert full[0][key].shape[0] == 4
+    np.testing.assert_array_equal(resumed[0][key], full[2][key])  # start at any step, same batch
+  # equiv_crop=False and one parameter set per chunk: the chunk's e1 views differ only by the image.
+  assert full[0]["e1"].shape == (4, 16, 16, 3)
+  # The subset keeps exactly the examples whose class is one of the 100, relabelled 0..99 in list order.
+  kept = [names[y] for y in everything.labels if names[y] in ip.IMAGENET100_CLASSES]
+  assert [ip.IMAGENET100_CLASSES[y] for y in subset.labels] == kept and subset.num_classes == 100
+  assert len(ip.IMAGENET100_CLASSES) == len(set(ip.IMAGENET100_CLASSES)) == 100
+  # Two processes: each process yields its half of the global batch.
+  assert part0[0]["x1"].shape[0] == 2
