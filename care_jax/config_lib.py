@@ -70,6 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
   # tf: tf.data on the host CPU (care_jax/augment.py); device: the dataset held on the
   # accelerator as uint8, shuffled and augmented inside the jitted step (care_jax/augment_jax.py).
   c.augment_backend = "tf"
+  # sequential: one forward pass per view (the release); vmap: one call vmapped over the
+  # views, same loss, gradients and BatchNorm statistics, bigger kernels for an accelerator.
+  c.view_batching = "sequential"
   # MoCo-v2 (objective moco / moco_care): EMA key encoder and a queue of negatives.
   c.moco_momentum = 0.99  # key encoder = m * key + (1 - m) * query, every step.
   c.moco_queue_size = 65536  # a multiple of batch_size.
@@ -169,6 +172,7 @@ def validate(config, num_devices: int = 1) -> None:
   _choice(config, "objective", OBJECTIVES)
   _choice(config, "geometry", GEOMETRIES)
   _choice(config, "augment_backend", AUGMENT_BACKENDS)
+  _choice(config, "view_batching", ("sequential", "vmap"))
   _choice(config, "proj_head", resnet.PROJECTION_HEADS)
   _choice(config, "dtype", DTYPES)
   _choice(config, "model", tuple(sorted(resnet.STAGE_SIZES)))

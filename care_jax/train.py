@@ -144,6 +144,33 @@ def _finish_step(state: TrainState, loss, terms, grads, params, batch_stats, opt
   return new_state, metrics
 
 
+def _views_vmapped(model, params, batch_stats, batch, views):
+  """The views' forward passes as ONE call vmapped over a view axis (bigger kernels).
+
+  Each view still gets its own BatchNorm batch statistics (vmap keeps them
+  per slice), so loss and gradients equal the sequential passes'. Every
+  slice starts from the same running averages s0 and returns
+  s_v = m s0 + (1 - m) mu_v; the sequential passes would have given
+  m^V s0 + sum_v m^(V-v) (1 - m) mu_v, which is rebuilt exactly from the s_v.
+  """
+  stacked = jnp.stack([batch[v] for v in views])
+
+  def one_view(images):
+    (_, z), updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                  mutable=["batch_stats"])
+    return z, updates["batch_stats"]
+
+  z, per_view = jax.vmap(one_view)(stacked)
+  m, count = resnet.BATCHNORM_MOMENTUM, len(views)
+  weights = jnp.asarray([m ** (count - 1 - v) for v in range(count)], jnp.float32)
+
+  def sequential(s0, s_v):
+    innovations = s_v - m * s0  # (1 - m) mu_v, per view
+    return m ** count * s0 + jnp.tensordot(weights, innovations, axes=1)
+
+  return dict(zip(views, z)), jax.tree.map(sequential, batch_stats, per_view)
+
+
 def make_train_step(model, tx, config, schedule: optax.Schedule) -> Callable:
   """train_step(state, batch) -> (state, metrics), pure; batch holds views x1, x2 (e1, e2)."""
   finish = lambda *args: _finish_step(*args, schedule)
@@ -152,14 +179,17 @@ def make_train_step(model, tx, config, schedule: optax.Schedule) -> Callable:
   views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
 
   def loss_fn(params, batch_stats, batch):
-    z = {}
-    # One forward pass per view, as the release does: BatchNorm normalises each
-    # view with that view's statistics, and the running averages are updated
-    # once per view, in order.
-    for view in views:
-      (_, z[view]), updates = model.apply({"params": params, "batch_stats": batch_stats}, batch[view],
-                                          train=True, mutable=["batch_stats"])
-      batch_stats = updates["batch_stats"]
+    if config.view_batching == "vmap":
+      z, batch_stats = _views_vmapped(model, params, batch_stats, batch, views)
+    else:
+      z = {}
+      # One forward pass per view, as the release does: BatchNorm normalises each
+      # view with that view's statistics, and the running averages are updated
+      # once per view, in order.
+      for view in views:
+        (_, z[view]), updates = model.apply({"params": params, "batch_stats": batch_stats}, batch[view],
+                                            train=True, mutable=["batch_stats"])
+        batch_stats = updates["batch_stats"]
     total, terms = objective(config, z)
     return total, (terms, batch_stats, z["x1"])
 

@@ -3,7 +3,7 @@
     python -m experiments.bench_train_step            # accelerator grid: ResNet-18/50, B 256/512/1024, fp32/bf16
     python -m experiments.bench_train_step --quick    # CPU-sized: ResNet-18 width 0.125, B 256, fp32
 
-One row per (model, B, dtype, augmentation): median step ms, images/s, XLA's
+One row per (model, B, dtype, augmentation, view batching): median step ms, images/s, XLA's
 FLOPs per image from the compiled step's cost analysis, MFU against the
 device's dense bf16 peak (where known), and the PyTorch reference's step ms
 and images/s on the same device in the same run with the speed-up over it.
@@ -11,6 +11,8 @@ and images/s on the same device in the same run with the speed-up over it.
 augmentation 'views': the four float views are given (what the tf.data
 pipeline feeds); 'device': uint8 images go in and care_jax/augment_jax.py
 makes the views inside the compiled step (the config's augment_backend=device).
+views 'sequential': four forward passes (the release); 'vmap': one call vmapped
+over the views (config view_batching; same loss, gradients and BN statistics).
 The reference is experiments/torch_reference.py: the release's step (four
 forward passes, its loss formulation, Adam, fp32 eager); it is timed once per
 (model, B) with given views, as the release feeds it from a DataLoader.
@@ -44,9 +46,10 @@ def _peak(device) -> float | None:
   return next((v for k, v in BF16_PEAK.items() if k in kind), None)
 
 
-def _config(model: str, width: float, batch: int, dtype: str, augment: str):
+def _config(model: str, width: float, batch: int, dtype: str, augment: str, view_batching: str = "sequential"):
   c = config_lib.load_config_file(ROOT / "configs" / "cifar10_care.py")
   c.model, c.model_width, c.batch_size, c.dtype = model, width, batch, dtype
+  c.view_batching = view_batching
   c.augment_backend = "device" if augment == "device" else "tf"
   c.num_train_steps = 1000
   config_lib.validate(c, jax.device_count())
@@ -129,6 +132,8 @@ def main(argv=None):
   parser.add_argument("--batch-sizes", type=int, nargs="*", default=None)
   parser.add_argument("--dtypes", nargs="*", default=None)
   parser.add_argument("--augment", nargs="*", default=["views", "device"], choices=["views", "device"])
+  parser.add_argument("--view-batching", nargs="*", default=None, choices=["sequential", "vmap"],
+                      help="the four views as four passes (the release) or one vmapped call")
   parser.add_argument("--width", type=float, default=None, help="ResNet width multiplier")
   parser.add_argument("--steps", type=int, default=None, help="steps per timing window")
   parser.add_argument("--repeats", type=int, default=3)
@@ -140,6 +145,7 @@ def main(argv=None):
   dtypes = args.dtypes or (["float32"] if quick else ["float32", "bfloat16"])
   width = args.width or (0.125 if quick else 1.0)
   steps = args.steps or (3 if quick else 20)
+  view_modes = args.view_batching or (["sequential"] if quick else ["sequential", "vmap"])
   torch = None if args.no_torch else torch_reference.torch_module()
 
   dev = jax.devices()[0]
@@ -147,7 +153,7 @@ def main(argv=None):
   print(f"# CARE train step (4 views, fwd+bwd+Adam), CIFAR 32x32, width {width}; jax {jax.__version__} on "
         f"{jax.device_count()} x {dev.device_kind}; bf16 peak {peak / 1e12 if peak else '-'} TFLOP/s; "
         f"baseline: {'torch ' + torch.__version__ if torch else 'none'}")
-  header = (f"{'model':<9} {'B':>5} {'dtype':<8} {'augment':<7} {'step ms':>9} {'img/s':>9} {'GFLOP/img':>9} "
+  header = (f"{'model':<9} {'B':>5} {'dtype':<8} {'augment':<7} {'views':<10} {'step ms':>9} {'img/s':>9} {'GFLOP/img':>9} "
             f"{'MFU':>6} {'torch ms':>9} {'torch img/s':>11} {'speed-up':>8}")
   print(header)
   print("-" * len(header))
@@ -156,16 +162,15 @@ def main(argv=None):
       torch_ms = None
       if torch is not None:
         torch_ms, _ = torch_row(torch, _config(model, width, batch, "float32", "views"), steps, args.repeats)
-      for dtype in dtypes:
-        for augment in args.augment:
-          config = _config(model, width, batch, dtype, augment)
-          r = jax_row(config, steps, args.repeats)
-          ips = batch / r["ms"] * 1e3
-          mfu = f"{100 * r['flops_per_step'] / (r['ms'] / 1e3) / peak:5.1f}%" if peak else "     -"
-          base = (f"{torch_ms:9.1f} {batch / torch_ms * 1e3:11.0f} {torch_ms / r['ms']:7.2f}x" if torch_ms
-                  else f"{'-':>9} {'-':>11} {'-':>8}")
-          print(f"{model:<9} {batch:>5} {dtype:<8} {augment:<7} {r['ms']:9.1f} {ips:9.0f} "
-                f"{r['flops_per_image'] / 1e9:9.3f} {mfu:>6} {base}", flush=True)
+      for dtype, augment, views in ((d, a, v) for d in dtypes for a in args.augment for v in view_modes):
+        config = _config(model, width, batch, dtype, augment, views)
+        r = jax_row(config, steps, args.repeats)
+        ips = batch / r["ms"] * 1e3
+        mfu = f"{100 * r['flops_per_step'] / (r['ms'] / 1e3) / peak:5.1f}%" if peak else "     -"
+        base = (f"{torch_ms:9.1f} {batch / torch_ms * 1e3:11.0f} {torch_ms / r['ms']:7.2f}x" if torch_ms
+                else f"{'-':>9} {'-':>11} {'-':>8}")
+        print(f"{model:<9} {batch:>5} {dtype:<8} {augment:<7} {views:<10} {r['ms']:9.1f} {ips:9.0f} "
+              f"{r['flops_per_image'] / 1e9:9.3f} {mfu:>6} {base}", flush=True)
 
 
 if __name__ == "__main__":

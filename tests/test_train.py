@@ -184,3 +184,16 @@ def test_lars_matches_optax_reference_on_one_step():
   w_norm, g_norm = 3.0, np.linalg.norm(np.full((3, 3), 0.5 + 1e-4))
   np.testing.assert_allclose(updates["w"], -0.1 * 0.001 * (w_norm / g_norm) * (0.5 + 1e-4), rtol=1e-5)
   np.testing.assert_allclose(updates["b"], -0.1 * 0.5, rtol=1e-5)
+
+
+def test_vmapped_views_equal_sequential_passes_including_batchnorm_statistics():
+  config = _tiny_config(optimizer="sgd", learning_rate=0.05, weight_decay=1e-3)
+  batch = _batch(config, seed=4)
+  state0 = jax.device_get(_setup(config, jax.devices()[:1])[0])
+  seq, m_seq = _run(config, jax.devices(), batch)
+  config.view_batching = "vmap"
+  vm, m_vm = _run(config, jax.devices(), batch)
+  for key in ("loss", "info_nce", "equivariance", "grad_norm"):
+    np.testing.assert_allclose(m_vm[key], m_seq[key], rtol=5e-5)
+  _assert_same_updates(vm.params, seq.params, state0.params)
+  _assert_same_updates(vm.batch_stats, seq.batch_stats, state0.batch_stats)

@@ -23,8 +23,11 @@ STEMS = ("cifar", "imagenet")
 _BASE_WIDTHS = (64, 128, 256, 512)
 
 
+BATCHNORM_MOMENTUM = 0.9  # flax's convention: running = 0.9 running + 0.1 batch (PyTorch's 0.1)
+
+
 def _norm(train: bool, dtype, name=None):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+  return nn.BatchNorm(use_running_average=not train, momentum=BATCHNORM_MOMENTUM, epsilon=1e-5,
                       dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
