@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data test demo bench clean
+.PHONY: setup data test demo bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,12 @@ demo: $(STAMP) data
 bench: $(STAMP)
 	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) -m experiments.bench_losses
+
+# Pure-Python wheels the GPU machine lacks (it has jax, flax, optax, orbax, chex and
+# torch, no TensorFlow or ml_collections): carried as .whl/ (README, "On a GPU").
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -18,6 +18,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 
+# orbax's words when the saved tree and the requested one differ in structure.
+_STRUCTURE_MISMATCH = "tree structures do not match"
+
+
 class CheckpointError(RuntimeError):
   """No checkpoint in the directory could be read."""
 
@@ -66,6 +70,12 @@ class Checkpointer:
         return state, step
       except Exception as e:  # noqa: BLE001 - any unreadable file means: use the previous one.
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if _STRUCTURE_MISMATCH in str(e):
+          # Readable, but not this config's train state: not damage, so nothing is moved aside.
+          raise CheckpointError(
+              f"checkpoint at step {step} in {self.directory} holds a different train state than this config "
+              "builds (another objective, model, optimiser or geometry?); resume with the config the run was "
+              "started with (its workdir/config.json) or pass a new --workdir") from None
         if self._read_only:
           self._log(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {reason}); trying the previous one")
           continue

@@ -44,7 +44,16 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key; per-step keys are fold_in(rng, step).
-  moco: Any = None  # objective moco / moco_care: key encoder and queue (care_jax.moco).
+
+
+@flax.struct.dataclass
+class MocoTrainState(TrainState):
+  """objective moco / moco_care: plus the key encoder and the queue (care_jax.moco).
+
+  A subclass, not an optional field, so the other objectives' checkpoints keep
+  the structure they always had (older runs stay resumable).
+  """
+  moco: Any = None
 
 
 # ------------------------------------------------------------------ pieces
@@ -94,12 +103,13 @@ def create_train_state(model, tx, config, mesh: Mesh) -> TrainState:
     images = jnp.zeros((2, config.image_size, config.image_size, 3), jnp.float32)
     variables = model.init(jax.random.fold_in(rng, 0), images, train=False)
     params = variables["params"]
-    moco_state = None
+    fields = dict(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+                  opt_state=tx.init(params), rng=rng)
     if config.objective in config_lib.MOCO_OBJECTIVES:
-      moco_state = moco.init_state(params, variables["batch_stats"], jax.random.fold_in(rng, 1),
-                                   int(config.moco_queue_size), int(config.proj_dim))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-                      opt_state=tx.init(params), rng=rng, moco=moco_state)
+      return MocoTrainState(**fields, moco=moco.init_state(params, variables["batch_stats"],
+                                                           jax.random.fold_in(rng, 1), int(config.moco_queue_size),
+                                                           int(config.proj_dim)))
+    return TrainState(**fields)
 
   return jax.jit(init, out_shardings=replicated, static_argnums=0)(int(config.seed))
 
@@ -135,7 +145,9 @@ def _finish_step(state: TrainState, loss, terms, grads, params, batch_stats, opt
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                             batch_stats=keep(batch_stats, state.batch_stats),
-                            opt_state=keep(opt_state, state.opt_state), moco=keep(moco_state, state.moco))
+                            opt_state=keep(opt_state, state.opt_state))
+  if moco_state is not None:
+    new_state = new_state.replace(moco=keep(moco_state, state.moco))
   metrics = dict(loss=loss, **terms, learning_rate=schedule(state.step),
                  grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(state.params),
                  # Collapse signal: per-dimension std of the embeddings
@@ -198,7 +210,7 @@ def make_train_step(model, tx, config, schedule: optax.Schedule) -> Callable:
         state.params, state.batch_stats, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return finish(state, loss, terms, grads, params, batch_stats, opt_state, state.moco, z1)
+    return finish(state, loss, terms, grads, params, batch_stats, opt_state, None, z1)
 
   return train_step
 

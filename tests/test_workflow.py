@@ -137,6 +137,18 @@ def test_corrupt_latest_checkpoint_falls_back_and_temporary_dirs_are_cleaned(tmp
 
 
 @needs_fashion_mnist
+def test_a_run_resumed_with_another_objective_stops_with_one_line_and_keeps_its_checkpoints(tmp_path):
+  workdir = tmp_path / "run"
+  first = _main(SMOKE, f"--workdir={workdir}", "--config.num_train_steps=2", "--config.final_eval=False")
+  assert first.returncode == 0, first.stderr[-2000:]
+  second = _main(SMOKE, f"--workdir={workdir}", "--config.num_train_steps=4", "--config.final_eval=False",
+                 "--config.objective=moco_care", "--config.moco_queue_size=64", "--config.moco_bn_groups=4")
+  assert second.returncode == 1 and "Traceback" not in second.stderr
+  assert "holds a different train state" in second.stderr.strip().splitlines()[-1]
+  assert (workdir / "checkpoints" / "2").is_dir() and not (workdir / "checkpoints_unreadable").exists()
+
+
+@needs_fashion_mnist
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.Popen([sys.executable, "-m", "care_jax.main", SMOKE, f"--workdir={workdir}",
