@@ -389,7 +389,8 @@ def evaluate_workdir(workdir: str, step: int | None = None, overrides: dict | No
   from etils import epath  # noqa: PLC0415
 
   from care_jax import checkpoints, config_lib, train  # noqa: PLC0415
-  workdir = epath.Path(workdir)
+  # orbax wants absolute paths (a relative --workdir made every checkpoint look unreadable).
+  workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
   if not (workdir / "config.json").exists():
     raise config_lib.ConfigError(f"workdir={str(workdir)!r} has no config.json; point --workdir at a training run")
   config = config_lib.default_config()

@@ -179,7 +179,7 @@ def test_training_that_diverges_stops_with_one_line_and_keeps_checkpoints(tmp_pa
 
 
 @needs_fashion_mnist
-def test_smoke_run_writes_report_metrics_tensorboard_and_plots(tmp_path):
+def test_smoke_run_writes_report_metrics_tensorboard_and_plots(tmp_path, monkeypatch):
   from care_jax import train
   workdir = tmp_path / "run"
   report = train.train_and_evaluate(_smoke_config(eval_every_steps=2), str(workdir))
@@ -205,7 +205,9 @@ def test_smoke_run_writes_report_metrics_tensorboard_and_plots(tmp_path):
   # with the in-memory evaluation at the end of training.
   from care_jax import evaluate
   assert sorted(p.name for p in (workdir / "features" / "step_4").iterdir()) == ["test-0.npz", "train-0.npz"]
-  again = evaluate.evaluate_workdir(str(workdir), overrides={"linear_probe_seeds": 2})
+  # A relative --workdir, as a user types it (orbax itself only takes absolute paths).
+  monkeypatch.chdir(workdir.parent)
+  again = evaluate.evaluate_workdir(workdir.name, overrides={"linear_probe_seeds": 2})
   assert again["step"] == 4
   for key in ("knn_top1", "wahba_error_mean", "relative_equivariance", "composition_error_mean"):
     assert again[key] == pytest.approx(report[key], rel=1e-5)
