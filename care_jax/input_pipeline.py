@@ -109,15 +109,19 @@ def _tfds_builder(name: str, data_dir: Optional[str], download: bool):
   return builder
 
 
-def _class_subset(name: str, builder):
-  """(tfds name, lookup table old label -> new label or -1, number of classes) for a class subset."""
+def _class_subset(name: str, builder, ds):
+  """(examples, number of classes): a class subset's examples only, relabelled 0..K-1 in list order.
+
+  Datasets without a subset come back unchanged, with (None) for the builder's class count.
+  """
   if name != "imagenet100":
-    return None, None
+    return ds, None
   label = builder.info.features["label"]
   old = tf.constant([label.str2int(w) for w in IMAGENET100_CLASSES], tf.int64)
   table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
       old, tf.range(len(IMAGENET100_CLASSES), dtype=tf.int64)), default_value=-1)
-  return table, len(IMAGENET100_CLASSES)
+  ds = ds.map(lambda ex: dict(ex, label=table.lookup(tf.cast(ex["label"], tf.int64))))
+  return ds.filter(lambda ex: ex["label"] >= 0), len(IMAGENET100_CLASSES)
 
 
 def _tfds_name(name: str) -> str:
@@ -136,11 +140,7 @@ def _center_crop_uint8(image, size: int):
 def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool, image_size: int = 0):
   import tensorflow_datasets as tfds  # noqa: PLC0415
   builder = _tfds_builder(_tfds_name(name), data_dir, download)
-  ds = builder.as_dataset(split=split)
-  table, subset_classes = _class_subset(name, builder)
-  if table is not None:
-    ds = ds.map(lambda ex: dict(ex, label=table.lookup(tf.cast(ex["label"], tf.int64))))
-    ds = ds.filter(lambda ex: ex["label"] >= 0)
+  ds, subset_classes = _class_subset(name, builder, builder.as_dataset(split=split))
   if None in builder.info.features["image"].shape[:2]:  # variable size (ImageNet): fixed-size eval views
     ds = ds.map(lambda ex: dict(ex, image=_center_crop_uint8(ex["image"], image_size)),
                 num_parallel_calls=tf.data.AUTOTUNE)
@@ -274,18 +274,16 @@ def pretraining_dataset(data: ArrayDataset, *, seed: int, global_batch: int, num
 
 
 def streaming_num_examples(name: str, split: str, data_dir: Optional[str], download: bool = False) -> int:
-  """Examples in a streamed split (ImageNet-100: counted through the label filter, once)."""
+  """Examples in a streamed split (ImageNet-100: counted through the class filter, once)."""
   builder = _tfds_builder(_tfds_name(name), data_dir, download)
-  table, _ = _class_subset(name, builder)
-  if table is None:
+  if name != "imagenet100":
     try:
       return int(builder.info.splits[split].num_examples)  # tfds resolves slices ('train[:10%]')
     except KeyError:  # no split metadata (e.g. tfds' mock data): count below
-      table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(  # every label kept
-          tf.constant([0], tf.int64), tf.constant([0], tf.int64)), default_value=0)
-  labels = builder.as_dataset(split=split, decoders=_skip_image_decoding()).map(lambda ex: ex["label"])
-  return int(labels.batch(65536).reduce(tf.constant(0, tf.int64), lambda n, y: n + tf.reduce_sum(
-      tf.cast(table.lookup(tf.cast(y, tf.int64)) >= 0, tf.int64))).numpy())
+      pass
+  ds, _ = _class_subset(name, builder, builder.as_dataset(split=split, decoders=_skip_image_decoding()))
+  labels = ds.map(lambda ex: ex["label"]).batch(65536)
+  return int(labels.reduce(tf.constant(0, tf.int64), lambda n, y: n + tf.cast(tf.size(y), tf.int64)).numpy())
 
 
 def _skip_image_decoding():
@@ -316,13 +314,10 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
   local = global_batch // process_count
   offset = process_index * local
   builder = _tfds_builder(_tfds_name(name), data_dir, download)
-  table, _ = _class_subset(name, builder)
   part = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
   read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=True)
-  ds = builder.as_dataset(split=part, shuffle_files=True, read_config=read_config, decoders=_skip_image_decoding())
-  if table is not None:
-    ds = ds.map(lambda ex: dict(ex, label=table.lookup(tf.cast(ex["label"], tf.int64))))
-    ds = ds.filter(lambda ex: ex["label"] >= 0)
+  ds, _ = _class_subset(name, builder, builder.as_dataset(split=part, shuffle_files=True, read_config=read_config,
+                                                          decoders=_skip_image_decoding()))
   ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   size = aug.image_size
 
