@@ -1,8 +1,9 @@
 """Evaluations of a trained encoder: features, kNN, linear probe, Wahba reports.
 
 Everything here is TensorFlow-free: batches arrive as NumPy dicts (images,
-labels, mask) from the input pipeline, and the augmented views for the Wahba
-report arrive as arrays.
+labels, mask) from care_jax/datasets.py, and the Wahba, composition and colour
+reports augment with the jnp backend (care_jax/augment_jax.py), so a run
+on the device backend is evaluated without TensorFlow too.
 
   extract_features   whole split through the encoder, sharded over the mesh;
                      the `mask` of padded batches keeps every example exactly once
@@ -28,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from care_jax import config_lib, geometry, losses
+from care_jax import augment_jax, config_lib, datasets, geometry, losses
+from care_jax.augment_config import augment_config
 
 
 # ------------------------------------------------------------------ features
@@ -93,7 +95,8 @@ def knn_accuracy(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray,
     correct1 += int(np.sum(ranked[:, 0] == labels))
     correct5 += int(np.sum(np.any(ranked[:, :min(5, num_classes)] == labels[:, None], axis=1)))
   n = len(queries)
-  return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "k": k, "temperature": temperature}
+  return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "k": k, "temperature": temperature,
+          "bank_size": len(bank), "num_queries": n}
 
 
 # ------------------------------------------------------------------ linear probe
@@ -191,10 +194,23 @@ __all__ = ["extract_features", "knn_accuracy", "linear_probe", "wahba_trial", "s
 
 # ------------------------------------------------------------------ a run's report
 
+def one_augmentation(seed: int, trial: int, height: int, width: int, aug) -> dict:
+  """The parameters of ONE augmentation drawn from (seed, trial), as Python values (for report.json)."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), trial)
+  params = augment_jax.sample_params(key, 1, height, width, aug)
+  return {k: np.asarray(v)[0].tolist() for k, v in params.items()}
+
+
+def identity_augmentation(height: int, width: int) -> dict:
+  """Parameters that change nothing (override fields to get one transform alone)."""
+  return {"crop": [0.0, 0.0, float(height), float(width)], "flip": False, "jitter": False, "brightness": 1.0,
+          "contrast": 1.0, "saturation": 1.0, "jitter_order": [0, 1, 2, 3], "hue": 0.0, "grayscale": False,
+          "blur": False, "blur_sigma": 1.0}
+
+
 def colour_transforms(height: int, width: int) -> dict:
   """Single transforms for the colour-sensitivity measure: colour ones and geometric/blur ones."""
-  from care_jax import input_pipeline  # noqa: PLC0415 (TensorFlow)
-  base = input_pipeline.identity_augmentation(height, width)
+  base = identity_augmentation(height, width)
   h, w = float(height), float(width)
   return {
       "colour": {"hue+0.1": {**base, "jitter": True, "hue": 0.1}, "hue-0.1": {**base, "jitter": True, "hue": -0.1},
@@ -202,6 +218,31 @@ def colour_transforms(height: int, width: int) -> dict:
       "other": {"crop-centre-half": {**base, "crop": [h / 4, w / 4, h / 2, w / 2]}, "flip": {**base, "flip": True},
                 "blur-sigma-1": {**base, "blur": True, "blur_sigma": 1.0}},
   }
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _augment(images, params, aug):
+  return augment_jax.apply(images, params, aug)
+
+
+def apply_augmentation(images: np.ndarray, params: dict, aug, chunk: int = 256) -> np.ndarray:
+  """One augmentation (Python-valued params) applied to every uint8 image -> normalised float32.
+
+  In fixed-size chunks (the last one padded), so every call reuses one compiled program.
+  """
+  batched = {}
+  for name, value in params.items():
+    value = np.asarray([value])
+    value = value.astype({"f": np.float32, "i": np.int32}.get(value.dtype.kind, value.dtype))
+    batched[name] = np.repeat(value, chunk, axis=0)
+  out = []
+  for start in range(0, len(images), chunk):
+    part = images[start:start + chunk]
+    rows = len(part)
+    if rows < chunk:
+      part = np.concatenate([part, np.zeros((chunk - rows,) + part.shape[1:], part.dtype)])
+    out.append(np.asarray(_augment(part, batched, aug))[:rows])
+  return np.concatenate(out)
 
 
 class RunEvaluator:
@@ -214,13 +255,12 @@ class RunEvaluator:
   """
 
   def __init__(self, config, model, mesh, log: Callable[[str], None] = print, cache_dir=None):
-    from care_jax import input_pipeline, train  # noqa: PLC0415 (TensorFlow; train imports us)
-    self._ip = input_pipeline
+    from care_jax import train  # noqa: PLC0415 (train imports us)
     self.config = config
     self.log = log
     self.embed_fn = train.make_embed_fn(model, mesh)
     self.to_global = train.global_batch_builder(mesh)
-    self.aug = input_pipeline.augment_config(config.dataset, config.image_size, config.equiv_crop)
+    self.aug = augment_config(config.dataset, config.image_size, config.equiv_crop)
     self._data, self._features = {}, {}
     self._cache_dir = cache_dir
 
@@ -228,7 +268,7 @@ class RunEvaluator:
     split = split or self.config.train_split
     if split not in self._data:
       c = self.config
-      self._data[split] = self._ip.load_dataset(c.dataset, split, c.image_size, c.data_dir or None, c.download)
+      self._data[split] = datasets.load_dataset(c.dataset, split, c.image_size, c.data_dir or None, c.download)
     return self._data[split]
 
   def add_data(self, split: str, data) -> None:
@@ -250,7 +290,7 @@ class RunEvaluator:
     data = self.data(split)
     if limit and limit < len(data.images):
       data = type(data)(data.images[:limit], data.labels[:limit], data.num_classes)
-    batches = self._ip.eval_batches(data, global_batch=self.config.eval_batch_size, aug=self.aug,
+    batches = datasets.eval_batches(data, global_batch=self.config.eval_batch_size, aug=self.aug,
                                     process_index=jax.process_index(), process_count=jax.process_count())
     self._features[key] = extract_features(self.embed_fn, variables, batches, self.to_global)
     if on_disk is not None and jax.process_index() == 0:
@@ -315,8 +355,8 @@ class RunEvaluator:
     h, w = images.shape[1:3]
     trials = []
     for trial in range(self.config.wahba_trials):
-      params = self._ip.sample_one_augmentation(self.config.seed, trial, h, w, self.aug)
-      z_aug = self.embed(variables, self._ip.apply_augmentation(images, params, self.aug))
+      params = one_augmentation(self.config.seed, trial, h, w, self.aug)
+      z_aug = self.embed(variables, apply_augmentation(images, params, self.aug))
       trials.append({"trial": trial, "augmentation": params,
                      **wahba_trial(z, z_aug, config_lib.EQUIVARIANCE_FORMS[self.config.geometry])})
     if not trials:
@@ -329,12 +369,12 @@ class RunEvaluator:
     h, w = images.shape[1:3]
     pairs = []
     for pair in range(self.config.composition_trials):
-      a = self._ip.sample_one_augmentation(self.config.seed + 1, 2 * pair, h, w, self.aug)
-      b = self._ip.sample_one_augmentation(self.config.seed + 1, 2 * pair + 1, h, w, self.aug)
-      view_a = self._ip.apply_augmentation(images, a, self.aug)
+      a = one_augmentation(self.config.seed + 1, 2 * pair, h, w, self.aug)
+      b = one_augmentation(self.config.seed + 1, 2 * pair + 1, h, w, self.aug)
+      view_a = apply_augmentation(images, a, self.aug)
       z_a = self.embed(variables, view_a)
-      z_b = self.embed(variables, self._ip.apply_augmentation(images, b, self.aug))
-      z_ba = self.embed(variables, self._ip.apply_augmentation(self._ip.to_uint8(view_a, self.aug), b, self.aug))
+      z_b = self.embed(variables, apply_augmentation(images, b, self.aug))
+      z_ba = self.embed(variables, apply_augmentation(datasets.to_uint8(view_a, self.aug), b, self.aug))
       pairs.append(float(geometry.composition_error(z, z_a, z_ba, z_b)))
     return {"composition_error_mean": float(np.mean(pairs)) if pairs else None, "composition_errors": pairs}
 
@@ -352,7 +392,7 @@ class RunEvaluator:
     moved = {}
     for transforms in groups.values():
       for name, params in transforms.items():
-        z_t = self.embed(variables, self._ip.apply_augmentation(images, params, self.aug))
+        z_t = self.embed(variables, apply_augmentation(images, params, self.aug))
         moved[name] = float(np.mean(np.sum((z_t - z) ** 2, axis=1)))
     colour = np.mean([moved[k] for k in groups["colour"]])
     other = np.mean([moved[k] for k in groups["other"]])

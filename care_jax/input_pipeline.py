@@ -7,71 +7,31 @@ Sources, by the config's `dataset` string:
   cifar10, cifar100, stl10, any tfds name with split syntax ('train[:10%]')
   npz:/path/file.npz      arrays 'images' [N, H, W(, C)] uint8 and 'labels' [N]
   folder:/path/to/root    one sub-folder per class of image files
+The in-memory reads of fashion_mnist and npz need no TensorFlow and live in
+care_jax/datasets.py; tfds names and folders are decoded here (load_tfds,
+load_folder), and imagenet2012 / imagenet100 are streamed for pretraining.
 
 Pretraining batches: for global step s, epoch = s // steps_per_epoch draws a
 permutation from (seed, epoch); the global batch is a slice of it and each
 process takes its contiguous rows. Any step can be the first one, so a resumed
 run sees exactly the batches an uninterrupted run would have seen, and the
 global batch is the same whatever the number of processes.
-Evaluation batches: every example exactly once, the last batch padded, with a
-`mask` marking the real rows.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import gzip
 import os
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
 from care_jax import augment, config_lib
 from care_jax.augment_config import DATASET_STATS, augment_config, dataset_stats  # noqa: F401 (re-exported)
-
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-class DatasetUnavailableError(config_lib.ConfigError):
-  """A dataset that cannot be read offline; the message says how to provide it."""
-
-
-@dataclasses.dataclass
-class ArrayDataset:
-  images: np.ndarray  # uint8 [N, S, S, 3]
-  labels: np.ndarray  # int32 [N]
-  num_classes: int
-
-
-# ------------------------------------------------------------------ loading
-
-def _read_idx(path: str) -> np.ndarray:
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
-  ndim = data[3]
-  dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def _idx_file(directory: str, stem: str) -> Optional[str]:
-  for name in (stem + ".gz", stem):
-    path = os.path.join(directory, name)
-    if os.path.exists(path):
-      return path
-  return None
-
-
-def load_fashion_mnist_idx(split: str, directory: str = FASHION_MNIST_DIR):
-  """Fashion-MNIST straight from IDX files: (images uint8 [N, 28, 28], labels)."""
-  prefix = {"train": "train", "test": "t10k"}.get(split)
-  if prefix is None:
-    raise DatasetUnavailableError(f"dataset: fashion_mnist split must be 'train' or 'test' for the IDX files, got {split!r}")
-  img = _idx_file(directory, f"{prefix}-images-idx3-ubyte")
-  lab = _idx_file(directory, f"{prefix}-labels-idx1-ubyte")
-  if img is None or lab is None:
-    raise FileNotFoundError(directory)
-  return _read_idx(img), _read_idx(lab).astype(np.int32)
-
+# The TF-free in-memory sources and evaluation batches, re-exported: one import for a tf.data user.
+from care_jax.datasets import (FASHION_MNIST_DIR, ArrayDataset, DatasetUnavailableError,  # noqa: F401
+                               eval_batches, load_dataset, load_fashion_mnist_idx, normalized, resize_uint8,
+                               steps_per_epoch, to_uint8)
 
 # The release's ImageNet-100: CMC's 100 ImageNet-1k classes (github.com/HobbitLong/CMC, issue 21).
 IMAGENET100_CLASSES = tuple("""
@@ -137,7 +97,7 @@ def _center_crop_uint8(image, size: int):
   return tf.cast(tf.clip_by_value(tf.round(crop), 0, 255), tf.uint8)
 
 
-def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool, image_size: int = 0):
+def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool, image_size: int = 0):
   import tensorflow_datasets as tfds  # noqa: PLC0415
   builder = _tfds_builder(_tfds_name(name), data_dir, download)
   ds, subset_classes = _class_subset(name, builder, builder.as_dataset(split=split))
@@ -154,21 +114,7 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool, i
   return data["image"], np.asarray(labels, np.int32), num_classes
 
 
-def _load_npz(path: str):
-  if not os.path.exists(path):
-    raise DatasetUnavailableError(f"dataset: npz file {path!r} does not exist; give npz:/absolute/path/file.npz")
-  with np.load(path, allow_pickle=False) as f:
-    missing = {"images", "labels"} - set(f.files)
-    if missing:
-      raise DatasetUnavailableError(f"dataset: {path!r} lacks arrays {sorted(missing)}; it needs 'images' "
-                                    f"[N, H, W(, C)] uint8 and 'labels' [N] (has {sorted(f.files)})")
-    images, labels = f["images"], f["labels"].astype(np.int32)
-  if images.dtype != np.uint8:
-    raise DatasetUnavailableError(f"dataset: {path!r} images must be uint8 in [0, 255], got {images.dtype}")
-  return images, labels, int(labels.max()) + 1 if labels.size else 0
-
-
-def _load_folder(root: str, image_size: int):
+def load_folder(root: str, image_size: int):
   if not os.path.isdir(root):
     raise DatasetUnavailableError(f"dataset: image folder {root!r} does not exist; give folder:/path with one sub-folder per class")
   classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -179,61 +125,12 @@ def _load_folder(root: str, image_size: int):
     for fname in sorted(os.listdir(os.path.join(root, cls))):
       raw = tf.io.read_file(os.path.join(root, cls, fname))
       img = tf.image.decode_image(raw, channels=3, expand_animations=False)
-      images.append(_resize_uint8(img[None], image_size)[0])
+      images.append(resize_uint8(img[None], image_size)[0])
       labels.append(label)
   return np.stack(images), np.asarray(labels, np.int32), len(classes)
 
 
-def _resize_uint8(images, size: int) -> np.ndarray:
-  """[N, H, W, C] -> uint8 [N, size, size, C], bilinear with antialiasing."""
-  resized = tf.image.resize(images, [size, size], method="bilinear", antialias=True)
-  return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
-
-
-def _to_rgb_size(images: np.ndarray, size: int) -> np.ndarray:
-  """Grey -> 3 channels, resized once to size x size, uint8."""
-  if images.ndim == 3:
-    images = images[..., None]
-  if images.shape[-1] == 1:
-    images = np.repeat(images, 3, axis=-1)
-  if images.shape[1:3] != (size, size):
-    # In pieces of 4096 images: bounded memory for big arrays.
-    images = np.concatenate([_resize_uint8(images[start:start + 4096], size)
-                             for start in range(0, len(images), 4096)])
-  return np.ascontiguousarray(images, np.uint8)
-
-
-def load_dataset(name: str, split: str, image_size: int, data_dir: Optional[str] = None,
-                 download: bool = False) -> ArrayDataset:
-  """Reads a whole split into memory as uint8 [N, S, S, 3] + labels."""
-  if name.startswith("npz:"):
-    images, labels, classes = _load_npz(name[4:])
-  elif name.startswith("folder:"):
-    images, labels, classes = _load_folder(name[7:], image_size)
-  elif name == "fashion_mnist":
-    try:
-      images, labels = load_fashion_mnist_idx(split)
-      classes = 10
-    except FileNotFoundError:
-      try:
-        images, labels, classes = _load_tfds(name, split, data_dir, download, image_size)
-      except DatasetUnavailableError:
-        raise DatasetUnavailableError(
-            f"dataset: fashion_mnist not found: install Debian's files (apt-get install -y dataset-fashion-mnist, "
-            f"into {FASHION_MNIST_DIR}), pass --config.data_dir=DIR with a prepared tfds copy, "
-            "or give --config.dataset=npz:/path/file.npz") from None
-  else:
-    images, labels, classes = _load_tfds(name, split, data_dir, download, image_size)
-  if len(images) == 0:
-    raise DatasetUnavailableError(f"dataset: {name!r} split {split!r} is empty")
-  return ArrayDataset(_to_rgb_size(images, image_size), labels, classes)
-
-
 # ------------------------------------------------------------------ batches
-
-def steps_per_epoch(num_examples: int, global_batch: int) -> int:
-  return max(1, num_examples // global_batch)
-
 
 def pretraining_dataset(data: ArrayDataset, *, seed: int, global_batch: int, num_chunks: int,
                         aug: augment.AugmentConfig, start_step: int = 0, num_steps: Optional[int] = None,
@@ -355,58 +252,3 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
   options = tf.data.Options()
   options.deterministic = True
   return ds.prefetch(prefetch).with_options(options)
-
-
-def eval_batches(data: ArrayDataset, *, global_batch: int, aug: augment.AugmentConfig,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-  """Every example once, normalised, no augmentation; the last batch padded.
-
-  Yields dicts images float32 [B_local, S, S, 3], labels, mask (1 = real row).
-  """
-  if global_batch % process_count:
-    raise ValueError(f"eval batch {global_batch} is not divisible by the process count {process_count}")
-  local = global_batch // process_count
-  total = len(data.images)
-  stats = (np.asarray(aug.mean, np.float32), np.asarray(aug.std, np.float32))
-  for start in range(0, total, global_batch):
-    rows = np.arange(start + process_index * local, start + (process_index + 1) * local)
-    mask = rows < total
-    rows = np.where(mask, rows, 0)
-    images = (data.images[rows].astype(np.float32) / 255.0 - stats[0]) / stats[1]
-    yield {"images": images, "labels": data.labels[rows], "mask": mask}
-
-
-def normalized(images: np.ndarray, aug: augment.AugmentConfig) -> np.ndarray:
-  """uint8 images -> the normalised float32 input of an unaugmented view."""
-  return ((images.astype(np.float32) / 255.0 - np.asarray(aug.mean, np.float32))
-          / np.asarray(aug.std, np.float32))
-
-
-def sample_one_augmentation(seed: int, trial: int, height: int, width: int, aug: augment.AugmentConfig) -> dict:
-  """The parameters of ONE augmentation drawn from (seed, trial), as Python values."""
-  params = augment.sample_params(augment.view_seed(seed, trial, 0), 1, height, width, aug)
-  return {k: np.asarray(v)[0].tolist() for k, v in params.items()}
-
-
-def identity_augmentation(height: int, width: int) -> dict:
-  """Parameters that change nothing (override fields to get one transform alone)."""
-  return {"crop": [0.0, 0.0, float(height), float(width)], "flip": False, "jitter": False, "brightness": 1.0,
-          "contrast": 1.0, "saturation": 1.0, "jitter_order": [0, 1, 2, 3], "hue": 0.0, "grayscale": False,
-          "blur": False, "blur_sigma": 1.0}
-
-
-_PARAM_DTYPES = {"crop": tf.float32, "flip": tf.bool, "jitter": tf.bool, "brightness": tf.float32,
-                 "contrast": tf.float32, "saturation": tf.float32, "jitter_order": tf.int32, "hue": tf.float32,
-                 "grayscale": tf.bool, "blur": tf.bool, "blur_sigma": tf.float32}
-
-
-def apply_augmentation(images: np.ndarray, params: dict, aug: augment.AugmentConfig) -> np.ndarray:
-  """One augmentation (Python-valued params) applied to every uint8 image -> normalised float32."""
-  batched = {k: tf.repeat(tf.constant([v], _PARAM_DTYPES[k]), len(images), axis=0) for k, v in params.items()}
-  return augment.apply(tf.constant(images), batched, aug).numpy()
-
-
-def to_uint8(views: np.ndarray, aug: augment.AugmentConfig) -> np.ndarray:
-  """Undoes the normalisation of views (to augment them again, e.g. b after a)."""
-  x = views * np.asarray(aug.std, np.float32) + np.asarray(aug.mean, np.float32)
-  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)

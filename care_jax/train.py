@@ -9,7 +9,9 @@ Equivariance chunks never straddle devices (config_lib checks that chunk size
 divides the per-device batch), so the L_equi term needs no communication.
 
 This module imports no TensorFlow: `train_and_evaluate` imports the input
-pipeline when it runs.
+pipeline only when the config needs tf.data (augment_backend='tf', streamed
+ImageNet, tfds or folder sources). With augment_backend='device' on
+fashion_mnist or npz data a run, its final report included, is TF-free.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from care_jax import augment_jax, checkpoints, config_lib, evaluate, losses, metric_writers, moco
+from care_jax import augment_jax, checkpoints, config_lib, datasets, evaluate, losses, metric_writers, moco
 from care_jax.models import resnet
 
 VIEWS = ("x1", "x2", "e1", "e2")
@@ -341,8 +343,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   preemption would (tests and time-sliced jobs). Returns a summary dict: the
   final report when final_eval ran, else {"step": ..., "status": ...}.
   """
-  from care_jax import input_pipeline  # TensorFlow stays out of the core's imports.
-
+  # TensorFlow stays out unless the config needs it: tf.data augmentation, a
+  # streamed dataset, or a source that TF decodes (tfds names, image folders).
   workdir = config_lib.check_workdir(workdir)
   mesh = make_mesh()
   config_lib.validate(config, jax.device_count())
@@ -350,11 +352,12 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
 
   streaming = config.dataset in config_lib.STREAMING_DATASETS
   if streaming:  # never read whole: count, then stream (the evaluator loads its splits when it runs)
+    from care_jax import input_pipeline  # noqa: PLC0415
     train_data = None
     num_train = input_pipeline.streaming_num_examples(config.dataset, config.train_split, config.data_dir or None,
                                                       config.download)
   else:
-    train_data = input_pipeline.load_dataset(config.dataset, config.train_split, config.image_size,
+    train_data = datasets.load_dataset(config.dataset, config.train_split, config.image_size,
                                              config.data_dir or None, config.download)
     num_train = len(train_data.images)
   durations = config_lib.resolve_durations(config, num_train)
@@ -388,6 +391,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
     train_step = with_device_augmentation(train_step, config, evaluator.aug)
     next_batch = feed.batch
   else:
+    from care_jax import input_pipeline  # noqa: PLC0415
     common = dict(seed=config.seed, global_batch=config.batch_size, num_chunks=config.equiv_splits,
                   aug=evaluator.aug, start_step=start_step, num_steps=max(0, last_step - start_step),
                   process_index=jax.process_index(), process_count=jax.process_count(),

@@ -20,6 +20,16 @@ def test_fashion_mnist_reads_the_real_idx_files():
   train = ip.load_dataset("fashion_mnist", "train", 32)
   assert train.images.shape == (60000, 32, 32, 3) and train.num_classes == 10
   assert np.array_equal(train.images[..., 0], train.images[..., 2])  # grey -> 3 equal channels
+  # tfds' slice syntax on the IDX files: the same rows as slicing the arrays.
+  part, part_labels = ip.load_fashion_mnist_idx("test[10%:2500]")
+  assert np.array_equal(part, imgs[1000:2500]) and np.array_equal(part_labels, labels[1000:2500])
+  # The TF-free resize (jax.image.resize) against TensorFlow's antialiased bilinear one.
+  grey = np.repeat(imgs[:500, ..., None], 3, axis=-1)
+  for size in (32, 20):
+    ours = ip.resize_uint8(grey, size).astype(int)
+    theirs = np.round(tf.image.resize(grey, [size, size], method="bilinear", antialias=True).numpy())
+    diff = np.abs(ours - np.clip(theirs, 0, 255))
+    assert diff.max() <= 1 and np.mean(diff > 0) < 0.01
 
 
 def _npz(tmp_path, n=40, size=8):

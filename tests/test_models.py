@@ -118,3 +118,16 @@ def test_mocov2_head_has_no_batchnorm_and_a_hidden_bias():
   variables = model.init(jax.random.PRNGKey(0), x)
   head = variables["params"]["head"]
   assert "bias" in head["Dense_0"] and "head" not in variables["batch_stats"]
+
+
+def test_batchnorm_variance_is_stable_when_the_mean_dwarfs_the_spread():
+  # Channels of ReLU outputs can sit far from 0 with a small spread; the
+  # one-pass E[x^2] - mean^2 loses every digit there in float32.
+  rng = np.random.default_rng(0)
+  x = (100.0 + 0.01 * rng.normal(size=(64, 2, 2, 3))).astype(np.float32)
+  norm = resnet._norm(train=True, dtype=jnp.float32)
+  variables = norm.init(jax.random.PRNGKey(0), x)
+  y, _ = norm.apply(variables, x, mutable=["batch_stats"])
+  x64 = x.astype(np.float64)
+  mean, var = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
+  np.testing.assert_allclose(np.asarray(y), (x64 - mean) / np.sqrt(var + 1e-5), rtol=1e-3, atol=2e-3)
