@@ -58,6 +58,7 @@ def get_config(preset: str = ""):
     c.eval_batch_size = 256
     c.knn_k = 20
     c.knn_monitor_examples = 512
+    c.eval_train_split = "train[:4096]"  # kNN bank and probe training set: seconds, not a minute
     c.linear_probe_epochs = 2
     c.wahba_trials = 3
     c.composition_trials = 2

@@ -2,6 +2,7 @@
 
   python -m experiments.fig2_ablation --scale=small      # Fashion-MNIST, CPU (README)
   python -m experiments.fig2_ablation --scale=paper --data_dir=DIR
+  python -m experiments.fig2_ablation --equi_unif_weights 1 0.3 0.1   # + a weight sweep
 
 Linear-probe top-1 bars (std over probe seeds). The random-init bar is the same
 encoder architecture evaluated untrained.
@@ -13,28 +14,37 @@ import json
 from experiments import paper_runs
 
 
-def main():
-  args = paper_runs.parse_args(__doc__.splitlines()[0])
+def main(argv=None):
+  args = paper_runs.parse_args(__doc__.splitlines()[0], argv, extra=lambda p: p.add_argument(
+      "--equi_unif_weights", type=float, nargs="+", default=[1.0],
+      help="L_equi weights of the L_equi + L_unif runs (a sweep: one bar each)"))
   out = paper_runs.out_dir(args, "fig2_ablation")
-  reports = {v: paper_runs.run_variant(args.scale, v, data_dir=args.data_dir)
-             for v in ("simclr", "equi_unif", "care")}
-  random_init = paper_runs.random_init_report(args.scale, args.data_dir)
+  run = lambda v, w=None: paper_runs.run_variant(args.scale, v, data_dir=args.data_dir, results=args.results,
+                                                  equiv_weight=w)
+  summary = lambda r: {"linear_probe_top1": r["linear_probe"]["top1"], "std": r["linear_probe"].get("top1_std", 0.0),
+                       "knn_top1": r["knn_top1"], "wahba_error_mean": r["wahba_error_mean"],
+                       "relative_equivariance": r["relative_equivariance"]}
+  # The default weight (1.0) keeps the run folder of the variant itself.
+  sweep = {w: summary(run("equi_unif", None if w == 1.0 else w)) for w in args.equi_unif_weights}
   result = {"scale": args.scale, "settings": paper_runs.settings(args.scale),
-            **{v: {"linear_probe_top1": r["linear_probe"]["top1"], "std": r["linear_probe"].get("top1_std", 0.0),
-                   "knn_top1": r["knn_top1"]} for v, r in reports.items()},
-            "random_init": random_init}
+            "simclr": summary(run("simclr")), "care": summary(run("care")),
+            "equi_unif": sweep[args.equi_unif_weights[0]], "equi_unif_weight": args.equi_unif_weights[0],
+            "equi_unif_sweep": {f"{w:g}": r for w, r in sweep.items()},
+            "random_init": paper_runs.random_init_report(args.scale, args.data_dir, args.results)}
   (out / "fig2_ablation.json").write_text(json.dumps(result, indent=2))
   plt = paper_runs.pyplot()
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  labels = ["random\ninit", "L_equi +\nL_unif", "SimCLR", "CARE"]
-  values = [random_init["linear_probe_top1"]] + [result[v]["linear_probe_top1"] for v in ("equi_unif", "simclr", "care")]
-  errs = [random_init["std"]] + [result[v]["std"] for v in ("equi_unif", "simclr", "care")]
-  ax.bar(labels, values, yerr=errs, color=["C7", "C2", "C1", "C0"], capsize=5)
+  fig, ax = plt.subplots(figsize=(4 + len(sweep), 3.5))
+  bars = [("random\ninit", result["random_init"], "C7")]
+  bars += [(f"L_equi +\nL_unif\n(w={w:g})", r, "C2") for w, r in sweep.items()]
+  bars += [("SimCLR", result["simclr"], "C1"), ("CARE", result["care"], "C0")]
+  values = [b[1]["linear_probe_top1"] for b in bars]
+  ax.bar([b[0] for b in bars], values, yerr=[b[1]["std"] for b in bars], color=[b[2] for b in bars], capsize=5)
   ax.set_ylim(max(0, min(values) - 10), max(values) + 5)
   ax.set_ylabel("linear probe top-1 (%)")
   ax.set_title(f"{result['settings']['dataset']} ({args.scale})", fontsize=9)
   fig.savefig(out / "fig2_ablation.png", dpi=110, bbox_inches="tight")
   print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1))
+  return result
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ import numpy as np
 from experiments import paper_runs
 
 
-def main():
-  args = paper_runs.parse_args(__doc__.splitlines()[0])
+def main(argv=None):
+  args = paper_runs.parse_args(__doc__.splitlines()[0], argv)
   out = paper_runs.out_dir(args, "fig3_wahba")
-  reports = {v: paper_runs.run_variant(args.scale, v, data_dir=args.data_dir) for v in ("simclr", "care")}
+  reports = {v: paper_runs.run_variant(args.scale, v, data_dir=args.data_dir, results=args.results)
+             for v in ("simclr", "care")}
   errors = {v: np.array([t["wahba_error"] for t in r["wahba_trials"]]) for v, r in reports.items()}
   gammas = {v: np.array([t["relative_equivariance"] for t in r["wahba_trials"]]) for v, r in reports.items()}
   result = {
@@ -44,6 +45,7 @@ def main():
                f"{100 * result['care_below_simclr_fraction']:.0f}%", fontsize=9)
   fig.savefig(out / "fig3_wahba.png", dpi=110, bbox_inches="tight")
   print(json.dumps({k: v for k, v in result.items() if k not in ("per_trial", "settings")}, indent=1))
+  return result
 
 
 if __name__ == "__main__":

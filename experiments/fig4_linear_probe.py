@@ -14,10 +14,11 @@ import json
 from experiments import paper_runs
 
 
-def main():
-  args = paper_runs.parse_args(__doc__.splitlines()[0])
+def main(argv=None):
+  args = paper_runs.parse_args(__doc__.splitlines()[0], argv)
   out = paper_runs.out_dir(args, "fig4_linear_probe")
-  reports = {v: paper_runs.run_variant(args.scale, v, data_dir=args.data_dir) for v in ("simclr", "care")}
+  reports = {v: paper_runs.run_variant(args.scale, v, data_dir=args.data_dir, results=args.results)
+             for v in ("simclr", "care")}
   result = {"scale": args.scale, "settings": paper_runs.settings(args.scale),
             **{v: {"linear_probe_top1": r["linear_probe"]["top1"], "std": r["linear_probe"]["top1_std"],
                    "per_seed": r["linear_probe"]["top1_per_seed"], "knn_top1": r["knn_top1"]}
@@ -33,6 +34,7 @@ def main():
   ax.set_title(f"{result['settings']['dataset']} ({args.scale})", fontsize=9)
   fig.savefig(out / "fig4_linear_probe.png", dpi=110, bbox_inches="tight")
   print(json.dumps({v: result[v] for v in names}, indent=1))
+  return result
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Shared harness of the figure scripts: one pretraining run per variant, reused.
 
 A variant is (objective, equiv_weight) on top of a scale's base config:
-  smoke  the quickstart smoke preset (seconds; tests)
+  smoke  the quickstart smoke preset, evaluated on 2048 + 1024 images (seconds; tests)
   small  the quickstart model on the embedded Fashion-MNIST, CPU-sized
   paper  the release's CIFAR-10 settings (configs/cifar10_*.py), needs tfds data
          (--data_dir) and an accelerator
-Runs land in experiments/results/runs/<scale>/<variant>/; a run whose report.json
-exists is reused, so fig3 and fig4 share their CARE and SimCLR runs, and an
+Runs land in <results>/runs/<scale>/<variant>/ (--results, default
+experiments/results); a run whose report.json exists is reused, so fig3 and fig4 share their CARE and SimCLR runs, and an
 interrupted script resumes from the runs' checkpoints.
 """
 
@@ -37,7 +37,10 @@ def _load_config(name: str, preset: str = ""):
 
 def base_config(scale: str):
   if scale == "smoke":
-    return _load_config("quickstart", "smoke")
+    c = _load_config("quickstart", "smoke")
+    c.eval_train_split, c.test_split = "train[:2048]", "test[:1024]"
+    c.num_train_steps, c.checkpoint_every_steps, c.linear_probe_epochs = 2, 0, 1
+    return c
   if scale == "small":
     c = _load_config("quickstart")
     c.num_train_steps = 240  # three variants within the 30-minute budget on 2 cores
@@ -58,26 +61,34 @@ def variant_config(scale: str, variant: str, seed: int = 0, **overrides):
   return c
 
 
-def run_variant(scale: str, variant: str, *, seed: int = 0, data_dir: str = "") -> dict:
-  """Pretrains + evaluates one variant (or reuses its finished run); returns its report."""
+def run_variant(scale: str, variant: str, *, seed: int = 0, data_dir: str = "", results=RESULTS,
+                equiv_weight: float | None = None) -> dict:
+  """Pretrains + evaluates one variant (or reuses its finished run); returns its report.
+
+  equiv_weight overrides the variant's lambda (a sweep); the run's folder names it.
+  """
   from care_jax import train  # noqa: PLC0415
-  workdir = RESULTS / "runs" / scale / f"{variant}-seed{seed}"
+  name = variant if equiv_weight is None else f"{variant}-w{equiv_weight:g}"
+  workdir = pathlib.Path(results) / "runs" / scale / f"{name}-seed{seed}"
   report_path = workdir / "report.json"
   if report_path.exists():
     print(f"reusing {report_path}", file=sys.stderr)
     return json.loads(report_path.read_text())
-  config = variant_config(scale, variant, seed, **({"data_dir": data_dir} if data_dir else {}))
+  overrides = {"data_dir": data_dir} if data_dir else {}
+  if equiv_weight is not None:
+    overrides["equiv_weight"] = equiv_weight
+  config = variant_config(scale, variant, seed, **overrides)
   config_lib.validate(config, _device_count())
   print(f"pretraining {variant} ({scale}) into {workdir}", file=sys.stderr)
   return train.train_and_evaluate(config, str(workdir))
 
 
-def random_init_report(scale: str, data_dir: str = "") -> dict:
+def random_init_report(scale: str, data_dir: str = "", results=RESULTS) -> dict:
   """kNN and linear probe of the untrained encoder (the scale's architecture and seed 0)."""
   import jax  # noqa: PLC0415
 
   from care_jax import evaluate, train  # noqa: PLC0415
-  path = RESULTS / "runs" / scale / "random_init.json"
+  path = pathlib.Path(results) / "runs" / scale / "random_init.json"
   if path.exists():
     return json.loads(path.read_text())
   config = variant_config(scale, "care", 0, **({"data_dir": data_dir} if data_dir else {}))
@@ -99,16 +110,19 @@ def _device_count() -> int:
   return jax.device_count()
 
 
-def parse_args(description: str):
+def parse_args(description: str, argv=None, extra=None):
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--scale", choices=("smoke", "small", "paper"), default="small")
   parser.add_argument("--data_dir", default="", help="tfds data_dir for --scale=paper")
-  parser.add_argument("--out", default="", help="results folder (default experiments/results/<figure>)")
-  return parser.parse_args()
+  parser.add_argument("--results", default=str(RESULTS), help="root of runs/ and the figure folders")
+  parser.add_argument("--out", default="", help="figure folder (default <results>/<figure>)")
+  if extra is not None:
+    extra(parser)
+  return parser.parse_args(argv)
 
 
 def out_dir(args, figure: str) -> pathlib.Path:
-  path = pathlib.Path(args.out) if args.out else RESULTS / figure
+  path = pathlib.Path(args.out) if args.out else pathlib.Path(args.results) / figure
   path.mkdir(parents=True, exist_ok=True)
   return path
 

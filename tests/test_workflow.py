@@ -118,11 +118,11 @@ def test_a_device_backend_run_and_its_report_import_no_tensorflow(tmp_path):
   blocked = ("import sys, runpy; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None; "
              "sys.argv[0] = 'care_jax.main'; runpy.run_module('care_jax.main', run_name='__main__')")
   run = subprocess.run([sys.executable, "-c", blocked, SMOKE, f"--workdir={tmp_path}", "--config.num_train_steps=2",
-                        "--config.augment_backend=device", "--config.eval_train_split=train[:2048]"],
+                        "--config.augment_backend=device"],
                        env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   report = json.loads((tmp_path / "report.json").read_text())
-  assert report["step"] == 2 and report["knn"]["bank_size"] == 2048
+  assert report["step"] == 2 and report["knn"]["bank_size"] == 4096
   assert len(report["wahba_trials"]) == 3 and np.isfinite(report["wahba_error_mean"])
 
 
@@ -219,7 +219,7 @@ def test_smoke_run_writes_report_metrics_tensorboard_and_plots(tmp_path, monkeyp
   # The evaluation CLI path restores the checkpoint (read-only) and must agree
   # with the in-memory evaluation at the end of training.
   from care_jax import evaluate
-  assert sorted(p.name for p in (workdir / "features" / "step_4").iterdir()) == ["test-0.npz", "train-0.npz"]
+  assert sorted(p.name for p in (workdir / "features" / "step_4").iterdir()) == ["test-0.npz", "train__4096_-0.npz"]
   # A relative --workdir, as a user types it (orbax itself only takes absolute paths).
   monkeypatch.chdir(workdir.parent)
   again = evaluate.evaluate_workdir(workdir.name, overrides={"linear_probe_seeds": 2})

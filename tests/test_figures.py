@@ -1,0 +1,40 @@
+"""The figure scripts end to end at --scale=smoke: runs shared, JSON and PNG written."""
+
+import json
+import os
+
+import pytest
+
+from care_jax import datasets
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not os.path.exists(os.path.join(datasets.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
+    reason="Debian's dataset-fashion-mnist is not installed")
+
+
+@needs_fashion_mnist
+def test_figure_scripts_run_share_their_runs_and_write_json_and_png(tmp_path, capsys):
+  from experiments import fig2_ablation, fig3_wahba, fig4_linear_probe
+  common = ["--scale=smoke", f"--results={tmp_path}"]
+  fig2 = fig2_ablation.main(common + ["--equi_unif_weights", "1", "0.5"])
+  runs = sorted(p.name for p in (tmp_path / "runs" / "smoke").iterdir())
+  assert runs == ["care-seed0", "equi_unif-seed0", "equi_unif-w0.5-seed0", "random_init.json", "simclr-seed0"]
+  # The sweep's runs differ only in the weight, and report what each did.
+  configs = {w: json.loads((tmp_path / "runs" / "smoke" / d / "config.json").read_text())
+             for w, d in (("1", "equi_unif-seed0"), ("0.5", "equi_unif-w0.5-seed0"))}
+  assert configs["1"]["equiv_weight"] == 1.0 and configs["0.5"]["equiv_weight"] == 0.5
+  assert set(fig2["equi_unif_sweep"]) == {"1", "0.5"} and fig2["equi_unif"] == fig2["equi_unif_sweep"]["1"]
+  for name in ("simclr", "care"):
+    report = json.loads((tmp_path / "runs" / "smoke" / f"{name}-seed0" / "report.json").read_text())
+    assert fig2[name]["linear_probe_top1"] == report["linear_probe"]["top1"]
+    assert report["knn"]["bank_size"] == 2048 and report["knn"]["num_queries"] == 1024
+  capsys.readouterr()
+  fig3 = fig3_wahba.main(common)
+  fig4 = fig4_linear_probe.main(common)
+  assert "reusing" in capsys.readouterr().err  # fig3 and fig4 trained nothing new
+  assert len(fig3["per_trial"]["care"]) == len(fig3["per_trial"]["simclr"]) == 3
+  assert 0.0 <= fig3["care_below_simclr_fraction"] <= 1.0
+  assert fig4["care"]["linear_probe_top1"] == fig2["care"]["linear_probe_top1"]
+  for figure in ("fig2_ablation", "fig3_wahba", "fig4_linear_probe"):
+    assert json.loads((tmp_path / figure / f"{figure}.json").read_text())["scale"] == "smoke"
+    assert (tmp_path / figure / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
