@@ -149,7 +149,9 @@ def load_dataset(name: str, split: str, image_size: int, data_dir: Optional[str]
     images, labels, classes = _load_npz(name[4:])
   elif name == "fashion_mnist":
     try:
-      images, labels = load_fashion_mnist_idx(split)
+      # IDX files under data_dir (e.g. copied to a machine without the Debian package) come first.
+      idx_dir = data_dir if data_dir and _idx_file(data_dir, "t10k-labels-idx1-ubyte") else FASHION_MNIST_DIR
+      images, labels = load_fashion_mnist_idx(split, idx_dir)
       classes = 10
     except FileNotFoundError:
       from care_jax import input_pipeline  # noqa: PLC0415 (TensorFlow: a prepared tfds copy)

@@ -153,3 +153,20 @@ def test_imagenet100_streams_the_subset_resumes_exactly_and_splits_across_proces
   assert len(ip.IMAGENET100_CLASSES) == len(set(ip.IMAGENET100_CLASSES)) == 100
   # Two processes: each process yields its half of the global batch.
   assert part0[0]["x1"].shape[0] == 2
+
+
+def _write_idx(path, array):
+  import gzip  # noqa: PLC0415
+  header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_files_under_data_dir_come_first(tmp_path):
+  # A machine without the Debian package (the GPU one) carries the files and passes data_dir.
+  rng = np.random.default_rng(0)
+  images, labels = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8), np.arange(30) % 10
+  _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+  _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+  data = ip.load_dataset("fashion_mnist", "test[:20]", 28, data_dir=str(tmp_path))
+  assert np.array_equal(data.images[..., 1], images[:20]) and np.array_equal(data.labels, labels[:20])
