@@ -235,13 +235,18 @@ def apply_augmentation(images: np.ndarray, params: dict, aug, chunk: int = 256) 
     value = np.asarray([value])
     value = value.astype({"f": np.float32, "i": np.int32}.get(value.dtype.kind, value.dtype))
     batched[name] = np.repeat(value, chunk, axis=0)
+  return _map_padded(lambda part: _augment(part, batched, aug), images, chunk)
+
+
+def _map_padded(fn, array: np.ndarray, size: int) -> np.ndarray:
+  """fn over row chunks of `size` (the last one zero-padded: one shape, one compilation), trimmed."""
   out = []
-  for start in range(0, len(images), chunk):
-    part = images[start:start + chunk]
+  for start in range(0, len(array), size):
+    part = array[start:start + size]
     rows = len(part)
-    if rows < chunk:
-      part = np.concatenate([part, np.zeros((chunk - rows,) + part.shape[1:], part.dtype)])
-    out.append(np.asarray(_augment(part, batched, aug))[:rows])
+    if rows < size:
+      part = np.concatenate([part, np.zeros((size - rows,) + part.shape[1:], part.dtype)])
+    out.append(np.asarray(fn(part))[:rows])
   return np.concatenate(out)
 
 
@@ -308,15 +313,8 @@ class RunEvaluator:
     b = self.config.eval_batch_size
     local = b // jax.process_count()
     lo = jax.process_index() * local
-    out = []
-    for start in range(0, len(views), b):
-      chunk = views[start:start + b]
-      rows = len(chunk)
-      if rows < b:
-        chunk = np.concatenate([chunk, np.zeros((b - rows,) + chunk.shape[1:], chunk.dtype)])
-      _, z = self.embed_fn(variables, self.to_global(chunk[lo:lo + local]))
-      out.append(to_host(z)[:rows])
-    return np.concatenate(out)
+    return _map_padded(lambda chunk: to_host(self.embed_fn(variables, self.to_global(chunk[lo:lo + local]))[1]),
+                       views, b)
 
   # -- the pieces of the report
 
