@@ -35,7 +35,7 @@ def main(argv=None):
   plt = paper_runs.pyplot()
   fig, ax = plt.subplots(figsize=(4 + len(sweep), 3.5))
   bars = [("random\ninit", result["random_init"], "C7")]
-  bars += [(f"L_equi +\nL_unif\n(w={w:g})", r, "C2") for w, r in sweep.items()]
+  bars += [(f"L_equi +\nL_unif\n(w={w:g})", r, "C2") for w, r in sorted(sweep.items())]
   bars += [("SimCLR", result["simclr"], "C1"), ("CARE", result["care"], "C0")]
   values = [b[1]["linear_probe_top1"] for b in bars]
   ax.bar([b[0] for b in bars], values, yerr=[b[1]["std"] for b in bars], color=[b[2] for b in bars], capsize=5)
