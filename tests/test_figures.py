@@ -16,14 +16,13 @@ needs_fashion_mnist = pytest.mark.skipif(
 def test_figure_scripts_run_share_their_runs_and_write_json_and_png(tmp_path, capsys):
   from experiments import fig2_ablation, fig3_wahba, fig4_linear_probe
   common = ["--scale=smoke", f"--results={tmp_path}"]
-  fig2 = fig2_ablation.main(common + ["--equi_unif_weights", "1", "0.5"])
+  fig2 = fig2_ablation.main(common + ["--equi_unif_weights", "0.5"])
   runs = sorted(p.name for p in (tmp_path / "runs" / "smoke").iterdir())
-  assert runs == ["care-seed0", "equi_unif-seed0", "equi_unif-w0.5-seed0", "random_init.json", "simclr-seed0"]
-  # The sweep's runs differ only in the weight, and report what each did.
-  configs = {w: json.loads((tmp_path / "runs" / "smoke" / d / "config.json").read_text())
-             for w, d in (("1", "equi_unif-seed0"), ("0.5", "equi_unif-w0.5-seed0"))}
-  assert configs["1"]["equiv_weight"] == 1.0 and configs["0.5"]["equiv_weight"] == 0.5
-  assert set(fig2["equi_unif_sweep"]) == {"1", "0.5"} and fig2["equi_unif"] == fig2["equi_unif_sweep"]["1"]
+  assert runs == ["care-seed0", "equi_unif-w0.5-seed0", "random_init.json", "simclr-seed0"]
+  # A swept weight gets its own run folder and is what that run trained with.
+  config = json.loads((tmp_path / "runs" / "smoke" / "equi_unif-w0.5-seed0" / "config.json").read_text())
+  assert config["equiv_weight"] == 0.5 and config["objective"] == "equi_unif"
+  assert set(fig2["equi_unif_sweep"]) == {"0.5"} and fig2["equi_unif"] == fig2["equi_unif_sweep"]["0.5"]
   for name in ("simclr", "care"):
     report = json.loads((tmp_path / "runs" / "smoke" / f"{name}-seed0" / "report.json").read_text())
     assert fig2[name]["linear_probe_top1"] == report["linear_probe"]["top1"]

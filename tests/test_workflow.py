@@ -112,21 +112,6 @@ def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tmp_path, back
 
 
 @needs_fashion_mnist
-def test_a_device_backend_run_and_its_report_import_no_tensorflow(tmp_path):
-  # The GPU machines have no TensorFlow: with its import blocked, the whole job
-  # (data, on-device views, training, kNN, probe, Wahba/composition/colour reports) runs.
-  blocked = ("import sys, runpy; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None; "
-             "sys.argv[0] = 'care_jax.main'; runpy.run_module('care_jax.main', run_name='__main__')")
-  run = subprocess.run([sys.executable, "-c", blocked, SMOKE, f"--workdir={tmp_path}", "--config.num_train_steps=2",
-                        "--config.augment_backend=device"],
-                       env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert run.returncode == 0, run.stderr[-3000:]
-  report = json.loads((tmp_path / "report.json").read_text())
-  assert report["step"] == 2 and report["knn"]["bank_size"] == 4096
-  assert len(report["wahba_trials"]) == 3 and np.isfinite(report["wahba_error_mean"])
-
-
-@needs_fashion_mnist
 def test_corrupt_latest_checkpoint_falls_back_and_temporary_dirs_are_cleaned(tmp_path, capfd):
   from care_jax import train
   config = _smoke_config(num_train_steps=4, checkpoint_every_steps=2, final_eval=False)
@@ -194,14 +179,20 @@ def test_training_that_diverges_stops_with_one_line_and_keeps_checkpoints(tmp_pa
 
 
 @needs_fashion_mnist
-def test_smoke_run_writes_report_metrics_tensorboard_and_plots(tmp_path, monkeypatch):
-  from care_jax import train
+def test_smoke_run_without_tensorflow_writes_report_metrics_tensorboard_and_plots(tmp_path, monkeypatch):
+  # The GPU machines have no TensorFlow: with its import blocked, the whole job
+  # (data, on-device views, training, kNN, probe, Wahba/composition/colour reports) runs.
   workdir = tmp_path / "run"
-  report = train.train_and_evaluate(_smoke_config(eval_every_steps=2), str(workdir))
+  blocked = ("import sys, runpy; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None; "
+             "sys.argv[0] = 'care_jax.main'; runpy.run_module('care_jax.main', run_name='__main__')")
+  run = subprocess.run([sys.executable, "-c", blocked, SMOKE, f"--workdir={workdir}", "--config.eval_every_steps=2",
+                        "--config.augment_backend=device"],
+                       env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
   saved = json.loads((workdir / "report.json").read_text())
   for key in ("knn_top1", "linear_probe_top1", "wahba_error_mean", "wahba_error_max", "relative_equivariance"):
-    assert np.isfinite(saved[key]) and saved[key] == report[key]
-  assert saved["knn"]["k"] == 20 and saved["knn"]["temperature"] == 0.5
+    assert np.isfinite(saved[key])
+  assert saved["knn"]["k"] == 20 and saved["knn"]["temperature"] == 0.5 and saved["knn"]["bank_size"] == 4096
   assert len(saved["wahba_trials"]) == 3 and saved["wahba_error_max"] >= saved["wahba_error_mean"] > 0
   assert 10.0 < saved["knn_top1"] <= 100.0  # 10 classes: above chance after 4 steps
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -225,7 +216,7 @@ def test_smoke_run_writes_report_metrics_tensorboard_and_plots(tmp_path, monkeyp
   again = evaluate.evaluate_workdir(workdir.name, overrides={"linear_probe_seeds": 2})
   assert again["step"] == 4
   for key in ("knn_top1", "wahba_error_mean", "relative_equivariance", "composition_error_mean"):
-    assert again[key] == pytest.approx(report[key], rel=1e-5)
+    assert again[key] == pytest.approx(saved[key], rel=1e-5)
   assert again["linear_probe"]["seeds"] == [0, 1] and len(again["linear_probe"]["top1_per_seed"]) == 2
 
 
