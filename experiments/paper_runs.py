@@ -116,9 +116,26 @@ def parse_args(description: str, argv=None, extra=None):
   parser.add_argument("--data_dir", default="", help="tfds data_dir for --scale=paper")
   parser.add_argument("--results", default=str(RESULTS), help="root of runs/ and the figure folders")
   parser.add_argument("--out", default="", help="figure folder (default <results>/<figure>)")
+  parser.add_argument("--pretrain_seeds", type=int, default=1,
+                      help="pretraining runs per variant (seeds 0..N-1); error bars over them when N > 1")
   if extra is not None:
     extra(parser)
   return parser.parse_args(argv)
+
+
+def run_seeds(args, variant: str) -> list:
+  """Reports of `variant` pretrained with seeds 0..args.pretrain_seeds-1 (finished runs reused)."""
+  if args.pretrain_seeds < 1:
+    raise ValueError(f"--pretrain_seeds must be >= 1, got {args.pretrain_seeds}")
+  return [run_variant(args.scale, variant, seed=seed, data_dir=args.data_dir, results=args.results)
+          for seed in range(args.pretrain_seeds)]
+
+
+def mean_std(values) -> tuple:
+  """Mean and sample standard deviation (ddof=1; 0.0 for a single value)."""
+  import numpy as np  # noqa: PLC0415
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
 def out_dir(args, figure: str) -> pathlib.Path:

@@ -28,12 +28,23 @@ def test_figure_scripts_run_share_their_runs_and_write_json_and_png(tmp_path, ca
     assert fig2[name]["linear_probe_top1"] == report["linear_probe"]["top1"]
     assert report["knn"]["bank_size"] == 2048 and report["knn"]["num_queries"] == 1024
   capsys.readouterr()
-  fig3 = fig3_wahba.main(common)
-  fig4 = fig4_linear_probe.main(common)
-  assert "reusing" in capsys.readouterr().err  # fig3 and fig4 trained nothing new
-  assert len(fig3["per_trial"]["care"]) == len(fig3["per_trial"]["simclr"]) == 3
+  # Two pretraining seeds: fig4 trains seed 1 of each variant, fig3 reuses all four runs.
+  fig4 = fig4_linear_probe.main(common + ["--pretrain_seeds=2"])
+  capsys.readouterr()
+  fig3 = fig3_wahba.main(common + ["--pretrain_seeds=2"])
+  assert "pretraining" not in capsys.readouterr().err  # fig3 trained nothing new
+  assert sorted(p.name for p in (tmp_path / "runs" / "smoke").iterdir() if "seed1" in p.name) == [
+      "care-seed1", "simclr-seed1"]
+  assert len(fig3["per_trial"]["care"]) == len(fig3["per_trial"]["simclr"]) == 2 * 3
   assert 0.0 <= fig3["care_below_simclr_fraction"] <= 1.0
-  assert fig4["care"]["linear_probe_top1"] == fig2["care"]["linear_probe_top1"]
+  for name in ("simclr", "care"):
+    probe = [json.loads((tmp_path / "runs" / "smoke" / f"{name}-seed{s}" / "report.json").read_text())
+             ["linear_probe"]["top1"] for s in (0, 1)]
+    assert fig4[name]["per_pretrain_seed"] == probe and probe[0] == fig2[name]["linear_probe_top1"]
+    assert fig4[name]["linear_probe_top1"] == pytest.approx(sum(probe) / 2)
+    assert fig4[name]["std"] == pytest.approx(abs(probe[0] - probe[1]) / 2 ** 0.5)  # ddof=1 of two values
+  assert fig4["care_minus_simclr"]["per_pretrain_seed"] == pytest.approx(
+      [c - s for c, s in zip(fig4["care"]["per_pretrain_seed"], fig4["simclr"]["per_pretrain_seed"])])
   for figure in ("fig2_ablation", "fig3_wahba", "fig4_linear_probe"):
     assert json.loads((tmp_path / figure / f"{figure}.json").read_text())["scale"] == "smoke"
     assert (tmp_path / figure / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
