@@ -8,31 +8,50 @@ import pytest
 from care_jax import evaluate, geometry, metric_writers
 
 
-def _brute_force_knn(bank, bank_y, queries, num_classes, k, t):
+def _brute_force_knn_scores(bank, bank_y, queries, num_classes, k, t):
   bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
   queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-  preds = []
-  for q in queries:
+  out = np.zeros((len(queries), num_classes))
+  for row, q in enumerate(queries):
     sims = bank @ q
-    scores = np.zeros(num_classes)
     for i in np.argsort(-sims, kind="stable")[:k]:
-      scores[bank_y[i]] += np.exp(sims[i] / t)
-    preds.append(np.argsort(-scores, kind="stable"))
-  return np.array(preds)
+      out[row, bank_y[i]] += np.exp(sims[i] / t)
+  return out
 
 
-def test_knn_matches_a_brute_force_numpy_version():
+def _brute_force_knn(bank, bank_y, queries, num_classes, k, t):
+  scores = _brute_force_knn_scores(bank, bank_y, queries, num_classes, k, t)
+  return np.argsort(-scores, axis=1, kind="stable")
+
+
+# bank_chunk: the whole bank at once; blocks of 64 (the last one padded); blocks
+# of 7, fewer rows than k, so the top 15 is assembled across several blocks.
+@pytest.mark.parametrize("bank_chunk", [65536, 64, 7])
+def test_knn_matches_a_brute_force_numpy_version(bank_chunk):
   rng = np.random.default_rng(0)
   centers = rng.normal(size=(5, 12))
   bank_y = rng.integers(0, 5, 300)
   bank = centers[bank_y] + 1.5 * rng.normal(size=(300, 12))
   query_y = rng.integers(0, 5, 77)  # not a multiple of the chunk: padding must not count
   queries = centers[query_y] + 1.5 * rng.normal(size=(77, 12))
-  got = evaluate.knn_accuracy(bank, bank_y, queries, query_y, num_classes=5, k=15, temperature=0.3, chunk=32)
+  got = evaluate.knn_accuracy(bank, bank_y, queries, query_y, num_classes=5, k=15, temperature=0.3, chunk=32,
+                                 bank_chunk=bank_chunk)
   ranked = _brute_force_knn(bank, bank_y, queries, 5, 15, 0.3)
   assert got["top1"] == pytest.approx(100 * np.mean(ranked[:, 0] == query_y))
   assert got["top5"] == pytest.approx(100 * np.mean(np.any(ranked[:, :5] == query_y[:, None], axis=1)))
   assert got["top5"] == 100.0 and 20.0 < got["top1"] < 100.0
+
+
+@pytest.mark.parametrize("bank_chunk", [65536, 64, 7])
+def test_knn_scores_match_brute_force_when_k_reaches_far_neighbours(bank_chunk):
+  # k = 250 of 300 bank rows: the top k holds negative similarities, so a padded
+  # (zero, similarity 0) row of a short last block would displace real ones.
+  rng = np.random.default_rng(4)
+  bank, bank_y = rng.normal(size=(300, 6)), rng.integers(0, 4, 300)
+  queries = rng.normal(size=(45, 6))
+  got = evaluate.knn_scores(bank, bank_y, queries, num_classes=4, k=250, temperature=0.2, chunk=16,
+                            bank_chunk=bank_chunk)
+  np.testing.assert_allclose(got, _brute_force_knn_scores(bank, bank_y, queries, 4, 250, 0.2), rtol=1e-4)
 
 
 def test_linear_probe_separates_linearly_separable_features():
