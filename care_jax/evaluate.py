@@ -49,12 +49,15 @@ def extract_features(embed_fn: Callable, variables, batches: Iterable[dict],
   """(features, projections, labels) for every real row of `batches`.
 
   embed_fn(variables, images) -> (features, projections); to_global turns a
-  process-local NumPy batch into a global sharded array.
+  process-local NumPy batch into a global sharded array. A batch with no real
+  row on any process ends the extraction (how uneven streamed parts stop together).
   """
   feats, projs, labels = [], [], []
   for batch in batches:
-    f, z = embed_fn(variables, to_global(batch["images"]))
     mask = to_host(to_global(np.asarray(batch["mask"])))
+    if not mask.any():  # padding on every process: a stream's end (streaming_eval_batches)
+      break
+    f, z = embed_fn(variables, to_global(batch["images"]))
     feats.append(to_host(f)[mask])
     projs.append(to_host(z)[mask])
     labels.append(to_host(to_global(np.asarray(batch["labels"], np.int32)))[mask])
@@ -308,12 +311,39 @@ class RunEvaluator:
     self._data, self._features = {}, {}
     self._cache_dir = cache_dir
 
+  @property
+  def streaming(self) -> bool:
+    """Splits too large for memory (ImageNet): features are extracted from a tf.data stream."""
+    return self.config.dataset in config_lib.STREAMING_DATASETS
+
   def data(self, split: str):
+    """A whole split in memory (not for streaming datasets: see _batches and _subset)."""
     split = split or self.config.train_split
     if split not in self._data:
       c = self.config
       self._data[split] = datasets.load_dataset(c.dataset, split, c.image_size, c.data_dir or None, c.download)
     return self._data[split]
+
+  def num_classes(self) -> int:
+    c = self.config
+    if self.streaming:
+      from care_jax import input_pipeline  # noqa: PLC0415 (TensorFlow reads the stream)
+      return input_pipeline.streaming_num_classes(c.dataset, c.data_dir or None, c.download)
+    return self.data(c.test_split).num_classes
+
+  def _batches(self, split: str, limit: int):
+    c = self.config
+    common = dict(global_batch=c.eval_batch_size, aug=self.aug, process_index=jax.process_index(),
+                  process_count=jax.process_count())
+    if self.streaming:
+      from care_jax import input_pipeline  # noqa: PLC0415
+      return input_pipeline.streaming_eval_batches(c.dataset, split or c.train_split, data_dir=c.data_dir or None,
+                                                   download=c.download, image_size=c.image_size, limit=limit,
+                                                   **common)
+    data = self.data(split)
+    if limit and limit < len(data.images):
+      data = type(data)(data.images[:limit], data.labels[:limit], data.num_classes)
+    return datasets.eval_batches(data, **common)
 
   def add_data(self, split: str, data) -> None:
     self._data[split] = data
@@ -331,12 +361,7 @@ class RunEvaluator:
           cached = np.load(f)
           self._features[key] = (cached["features"], cached["projections"], cached["labels"])
         return self._features[key]
-    data = self.data(split)
-    if limit and limit < len(data.images):
-      data = type(data)(data.images[:limit], data.labels[:limit], data.num_classes)
-    batches = datasets.eval_batches(data, global_batch=self.config.eval_batch_size, aug=self.aug,
-                                    process_index=jax.process_index(), process_count=jax.process_count())
-    self._features[key] = extract_features(self.embed_fn, variables, batches, self.to_global)
+    self._features[key] = extract_features(self.embed_fn, variables, self._batches(split, limit), self.to_global)
     if on_disk is not None and jax.process_index() == 0:
       on_disk.parent.mkdir(parents=True, exist_ok=True)
       f, z, y = self._features[key]
@@ -361,14 +386,14 @@ class RunEvaluator:
     c = self.config
     bank_f, _, bank_y = self.features(variables, tag, c.eval_train_split or c.train_split, bank_limit)
     test_f, _, test_y = self.features(variables, tag, c.test_split)
-    return knn_accuracy(bank_f, bank_y, test_f, test_y, num_classes=self.data(c.test_split).num_classes,
+    return knn_accuracy(bank_f, bank_y, test_f, test_y, num_classes=self.num_classes(),
                         k=c.knn_k, temperature=c.knn_temperature)
 
   def linear_probe(self, variables, tag, seeds: int = 1) -> dict:
     c = self.config
     train_f, _, train_y = self.features(variables, tag, c.eval_train_split or c.train_split)
     test_f, _, test_y = self.features(variables, tag, c.test_split)
-    runs = [linear_probe(train_f, train_y, test_f, test_y, num_classes=self.data(c.test_split).num_classes,
+    runs = [linear_probe(train_f, train_y, test_f, test_y, num_classes=self.num_classes(),
                          epochs=c.linear_probe_epochs, learning_rate=c.linear_probe_lr,
                          weight_decay=c.linear_probe_weight_decay, batch_size=c.linear_probe_batch_size,
                          seed=c.seed + s) for s in range(max(1, seeds))]
@@ -382,8 +407,20 @@ class RunEvaluator:
     The embeddings are the test features' projections (same normalisation, same
     encoder), so the three geometry reports reuse the one extraction.
     """
-    test = self.data(self.config.test_split)
-    n = min(self.config.wahba_examples, len(test.images))
+    c = self.config
+    if self.streaming:  # only the subset in memory
+      if ("head", c.test_split) not in self._data:
+        from care_jax import input_pipeline  # noqa: PLC0415
+        self._data["head", c.test_split] = input_pipeline.load_streaming_head(
+            c.dataset, c.test_split, c.wahba_examples, data_dir=c.data_dir or None, download=c.download,
+            image_size=c.image_size)
+      test = self._data["head", c.test_split]
+      key = (tag, "head", c.test_split)
+      if key not in self._features:  # every process embeds the same head (not its own part)
+        self._features[key] = self.embed(variables, datasets.normalized(test.images, self.aug))
+      return test.images, self._features[key]
+    test = self.data(c.test_split)
+    n = min(c.wahba_examples, len(test.images))
     return test.images[:n], self.features(variables, tag, self.config.test_split)[1][:n]
 
   def wahba(self, variables, tag) -> dict:

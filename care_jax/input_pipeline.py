@@ -21,7 +21,7 @@ global batch is the same whatever the number of processes.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -100,10 +100,20 @@ def _center_crop_uint8(image, size: int):
 def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool, image_size: int = 0):
   import tensorflow_datasets as tfds  # noqa: PLC0415
   builder = _tfds_builder(_tfds_name(name), data_dir, download)
-  ds, subset_classes = _class_subset(name, builder, builder.as_dataset(split=split))
-  if None in builder.info.features["image"].shape[:2]:  # variable size (ImageNet): fixed-size eval views
-    ds = ds.map(lambda ex: dict(ex, image=_center_crop_uint8(ex["image"], image_size)),
-                num_parallel_calls=tf.data.AUTOTUNE)
+  # Decoded after the class filter (ImageNet-100 keeps 1 image in 10), by the
+  # same op as the streamed paths, so in-memory and streamed pixels agree.
+  ds, subset_classes = _class_subset(name, builder, builder.as_dataset(split=split,
+                                                                       decoders=_skip_image_decoding()))
+  channels = builder.info.features["image"].shape[-1]
+  variable_size = None in builder.info.features["image"].shape[:2]
+
+  def decode(ex):
+    image = tf.io.decode_image(ex["image"], channels=channels, expand_animations=False)
+    image.set_shape(builder.info.features["image"].shape)
+    # Variable-size images (ImageNet) get their fixed-size evaluation view.
+    return dict(ex, image=_center_crop_uint8(image, image_size) if variable_size else image)
+
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
   # Batches of 4096, not batch_size=-1: that path (get_single_element) aborts
   # the process on TF 2.21 for datasets of unknown cardinality.
   parts = list(tfds.as_numpy(ds.batch(4096)))
@@ -186,6 +196,76 @@ def streaming_num_examples(name: str, split: str, data_dir: Optional[str], downl
 def _skip_image_decoding():
   import tensorflow_datasets as tfds  # noqa: PLC0415
   return {"image": tfds.decode.SkipDecoding()}
+
+
+def streaming_num_classes(name: str, data_dir: Optional[str], download: bool = False) -> int:
+  if name == "imagenet100":
+    return len(IMAGENET100_CLASSES)
+  return _tfds_builder(_tfds_name(name), data_dir, download).info.features["label"].num_classes
+
+
+def _streaming_eval_examples(name: str, split: str, *, data_dir: Optional[str], download: bool,
+                             image_size: int, process_index: int = 0, process_count: int = 1,
+                             limit: int = 0) -> tf.data.Dataset:
+  """A streamed split's centre-cropped uint8 images and labels, in order; this process's part."""
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  builder = _tfds_builder(_tfds_name(name), data_dir, download)
+  part = split if process_count == 1 else tfds.split_for_jax_process(
+      split, process_index=process_index, process_count=process_count)
+  ds, _ = _class_subset(name, builder, builder.as_dataset(split=part, decoders=_skip_image_decoding()))
+  if limit:  # after the class filter, so a subset gets `limit` of its own examples
+    ds = ds.take(-(-limit // process_count))
+
+  def decode(ex):
+    image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return {"image": _center_crop_uint8(image, image_size), "label": tf.cast(ex["label"], tf.int32)}
+
+  return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def load_streaming_head(name: str, split: str, n: int, *, data_dir: Optional[str], download: bool,
+                        image_size: int) -> ArrayDataset:
+  """The first n examples of a streamed split in memory (the Wahba subset), the same on every process."""
+  ds = _streaming_eval_examples(name, split, data_dir=data_dir, download=download, image_size=image_size, limit=n)
+  parts = list(ds.batch(1024).as_numpy_iterator())
+  if not parts:
+    raise DatasetUnavailableError(f"dataset: {name!r} split {split!r} is empty")
+  return ArrayDataset(np.concatenate([p["image"] for p in parts]), np.concatenate([p["label"] for p in parts]),
+                      streaming_num_classes(name, data_dir, download))
+
+
+def streaming_eval_batches(name: str, split: str, *, data_dir: Optional[str], download: bool, image_size: int,
+                           global_batch: int, aug: augment.AugmentConfig, process_index: int = 0,
+                           process_count: int = 1, limit: int = 0, prefetch: int = 2) -> Iterator[dict]:
+  """eval_batches for splits too large for memory: every example of this process's part once.
+
+  Yields the same dicts as datasets.eval_batches (normalised images, labels,
+  mask), read from the tfds stream with a centre crop and never holding more
+  than a few batches. The processes' parts differ in size and are not counted
+  in advance, so with several processes the stream goes on with all-padding
+  batches (mask 0) after its last real one: a consumer stops at the first
+  batch that is padding on every process (extract_features does), which keeps
+  the processes in lockstep. One process ends after its last real batch.
+  `limit` keeps about that many examples (ceil(limit / processes) each).
+  """
+  if global_batch % process_count:
+    raise ValueError(f"eval batch {global_batch} is not divisible by the process count {process_count}")
+  local = global_batch // process_count
+  ds = _streaming_eval_examples(name, split, data_dir=data_dir, download=download, image_size=image_size,
+                                process_index=process_index, process_count=process_count, limit=limit)
+  ds = ds.batch(local).prefetch(prefetch)
+  size = image_size
+  for batch in ds.as_numpy_iterator():
+    rows = len(batch["label"])
+    images, labels = batch["image"], batch["label"]
+    if rows < local:
+      images = np.concatenate([images, np.zeros((local - rows, size, size, 3), np.uint8)])
+      labels = np.concatenate([labels, np.zeros((local - rows,), np.int32)])
+    yield {"images": normalized(images, aug), "labels": labels, "mask": np.arange(local) < rows}
+  while process_count > 1:
+    yield {"images": np.zeros((local, size, size, 3), np.float32), "labels": np.zeros((local,), np.int32),
+           "mask": np.zeros((local,), bool)}
 
 
 def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[str], download: bool, seed: int,

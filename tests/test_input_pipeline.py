@@ -170,3 +170,83 @@ def test_fashion_mnist_idx_files_under_data_dir_come_first(tmp_path):
   _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
   data = ip.load_dataset("fashion_mnist", "test[:20]", 28, data_dir=str(tmp_path))
   assert np.array_equal(data.images[..., 1], images[:20]) and np.array_equal(data.labels, labels[:20])
+
+
+def test_streamed_evaluation_matches_the_in_memory_split_and_features():
+  # ImageNet-size splits are never loaded whole for evaluation: features come from a stream.
+  import pathlib  # noqa: PLC0415
+
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  from care_jax import config_lib, evaluate, train  # noqa: PLC0415
+  aug = augment.AugmentConfig(image_size=16)
+  with tfds.testing.mock_data(num_examples=21, policy=tfds.testing.MockPolicy.USE_CODE):
+    whole = ip.load_dataset("imagenet2012", "validation", 16, download=True)
+    one = list(ip.streaming_eval_batches("imagenet2012", "validation", data_dir=None, download=True,
+                                         image_size=16, aug=aug, global_batch=8))
+    config = config_lib.load_config_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.py",
+                                         "smoke")
+    config.dataset, config.test_split, config.eval_train_split = "imagenet2012", "validation", "validation"
+    config.eval_batch_size, config.wahba_examples, config.wahba_trials = 8, 5, 1
+    config.download = True  # tfds mock data stands in for a prepared copy
+    mesh = train.make_mesh()
+    model = train.build_model(config)
+    variables = train.random_init_variables(model, config, mesh)
+    evaluator = evaluate.RunEvaluator(config, model, mesh, log=lambda m: None)
+    streamed = evaluator.features(variables, "t", "validation")
+    wahba = evaluator.wahba(variables, "t")
+    num_classes = evaluator.num_classes()
+  # One process: the split in order, the last batch padded and masked.
+  assert [int(b["mask"].sum()) for b in one] == [8, 8, 5]
+  np.testing.assert_array_equal(np.concatenate([b["images"][b["mask"]] for b in one]),
+                                ip.normalized(whole.images, aug))
+  np.testing.assert_array_equal(np.concatenate([b["labels"][b["mask"]] for b in one]), whole.labels)
+  # The evaluator on a streamed dataset: the same features as embedding the in-memory split.
+  f_expected, _, y_expected = evaluate.extract_features(
+      evaluator.embed_fn, variables, ip.eval_batches(whole, global_batch=8, aug=evaluator.aug), evaluator.to_global)
+  np.testing.assert_allclose(streamed[0], f_expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(streamed[2], y_expected)
+  assert num_classes == 1000 and wahba["wahba_examples"] == 5 and len(wahba["wahba_trials"]) == 1
+  assert ("validation" not in evaluator._data) and (None not in evaluator._data)  # no whole split loaded
+
+
+def test_streamed_evaluation_parts_of_several_processes_cover_each_example_once(tmp_path):
+  # tfds' mock data ignores split slicing, so a real (tiny, variable-size) tfds dataset is built here.
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  class TinyStreamedImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+      return {"validation": self._generate_examples()}
+
+    def _generate_examples(self):
+      rng = np.random.default_rng(0)
+      for i in range(21):
+        h, w = rng.integers(12, 30, 2)
+        yield i, {"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "label": i % 3}
+
+  TinyStreamedImages(data_dir=str(tmp_path)).download_and_prepare()
+  aug = augment.AugmentConfig(image_size=16)
+  common = dict(data_dir=str(tmp_path), download=False, image_size=16, aug=aug, global_batch=8)
+  whole = ip.load_dataset("tiny_streamed_images", "validation", 16, data_dir=str(tmp_path))
+  parts = [ip.streaming_eval_batches("tiny_streamed_images", "validation", process_index=p, process_count=2,
+                                     **common) for p in (0, 1)]
+  two = []
+  while True:  # what extract_features does: stop at the first batch that is padding everywhere
+    pair = [next(it) for it in parts]
+    if not any(b["mask"].any() for b in pair):
+      break
+    two.extend(pair)
+  got = np.concatenate([b["images"][b["mask"]] for b in two])
+  expected = ip.normalized(whole.images, aug)
+  key = lambda a: sorted(map(bytes, a.reshape(len(a), -1)))  # noqa: E731
+  assert len(got) == len(expected) == 21 and key(got) == key(expected)
+  assert all(b["images"].shape == (4, 16, 16, 3) for b in two)  # half the global batch per process
+  head = ip.load_streaming_head("tiny_streamed_images", "validation", 5, data_dir=str(tmp_path), download=False,
+                                image_size=16)
+  np.testing.assert_array_equal(head.images, whole.images[:5])
