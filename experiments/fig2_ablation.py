@@ -3,9 +3,12 @@
   python -m experiments.fig2_ablation --scale=small      # Fashion-MNIST, CPU (README)
   python -m experiments.fig2_ablation --scale=paper --data_dir=DIR
   python -m experiments.fig2_ablation --equi_unif_weights 1 0.3 0.1   # + a weight sweep
+  python -m experiments.fig2_ablation --equi_unif_weights 3 1 --pretrain_seeds=3
 
-Linear-probe top-1 bars (std over probe seeds). The random-init bar is the same
-encoder architecture evaluated untrained.
+Linear-probe top-1 bars: std over probe seeds on one encoder, or with
+--pretrain_seeds=N the mean and std (ddof=1) over N pretraining runs per bar
+(initialisation seeds for the random-init bar, the same encoder architecture
+evaluated untrained).
 Writes experiments/results/fig2_ablation/{fig2_ablation.json,.png}.
 """
 
@@ -19,18 +22,18 @@ def main(argv=None):
       "--equi_unif_weights", type=float, nargs="+", default=[1.0],
       help="L_equi weights of the L_equi + L_unif runs (a sweep: one bar each)"))
   out = paper_runs.out_dir(args, "fig2_ablation")
-  run = lambda v, w=None: paper_runs.run_variant(args.scale, v, data_dir=args.data_dir, results=args.results,
-                                                  equiv_weight=w)
-  summary = lambda r: {"linear_probe_top1": r["linear_probe"]["top1"], "std": r["linear_probe"].get("top1_std", 0.0),
-                       "knn_top1": r["knn_top1"], "wahba_error_mean": r["wahba_error_mean"],
-                       "relative_equivariance": r["relative_equivariance"]}
+  seeds = range(args.pretrain_seeds)
+  runs = lambda v, w=None: paper_runs.summarize_runs([  # noqa: E731
+      paper_runs.run_variant(args.scale, v, seed=s, data_dir=args.data_dir, results=args.results, equiv_weight=w)
+      for s in seeds])
   # The default weight (1.0) keeps the run folder of the variant itself.
-  sweep = {w: summary(run("equi_unif", None if w == 1.0 else w)) for w in args.equi_unif_weights}
-  result = {"scale": args.scale, "settings": paper_runs.settings(args.scale),
-            "simclr": summary(run("simclr")), "care": summary(run("care")),
+  sweep = {w: runs("equi_unif", None if w == 1.0 else w) for w in args.equi_unif_weights}
+  result = {"scale": args.scale, "settings": paper_runs.settings(args.scale), "pretrain_seeds": args.pretrain_seeds,
+            "simclr": runs("simclr"), "care": runs("care"),
             "equi_unif": sweep[args.equi_unif_weights[0]], "equi_unif_weight": args.equi_unif_weights[0],
             "equi_unif_sweep": {f"{w:g}": r for w, r in sweep.items()},
-            "random_init": paper_runs.random_init_report(args.scale, args.data_dir, args.results)}
+            "random_init": paper_runs.summarize_runs([
+                paper_runs.random_init_report(args.scale, args.data_dir, args.results, seed=s) for s in seeds])}
   (out / "fig2_ablation.json").write_text(json.dumps(result, indent=2))
   plt = paper_runs.pyplot()
   fig, ax = plt.subplots(figsize=(4 + len(sweep), 3.5))

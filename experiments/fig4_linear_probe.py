@@ -21,24 +21,6 @@ from experiments import paper_runs
 VARIANTS = ("simclr", "care")
 
 
-def summarize(reports: list) -> dict:
-  """One variant's figures over its pretraining runs."""
-  probe = [r["linear_probe"]["top1"] for r in reports]
-  knn = [r["knn_top1"] for r in reports]
-  mean, pretrain_std = paper_runs.mean_std(probe)
-  probe_std = sum(r["linear_probe"]["top1_std"] for r in reports) / len(reports)
-  return {"linear_probe_top1": mean,
-          # The error bar: over pretraining runs when there are several.
-          "std": pretrain_std if len(reports) > 1 else probe_std,
-          "std_over": "pretraining seeds (ddof=1)" if len(reports) > 1 else "probe seeds",
-          "probe_seed_std": probe_std,
-          "per_pretrain_seed": probe,
-          "per_seed": reports[0]["linear_probe"]["top1_per_seed"] if len(reports) == 1 else
-                      [r["linear_probe"]["top1_per_seed"] for r in reports],
-          "knn_top1": paper_runs.mean_std(knn)[0],
-          "knn_per_pretrain_seed": knn}
-
-
 def main(argv=None):
   args = paper_runs.parse_args(__doc__.splitlines()[0], argv)
   out = paper_runs.out_dir(args, "fig4_linear_probe")
@@ -48,7 +30,7 @@ def main(argv=None):
   diff_mean, diff_std = paper_runs.mean_std(differences)
   result = {"scale": args.scale, "settings": paper_runs.settings(args.scale),
             "pretrain_seeds": args.pretrain_seeds,
-            **{v: summarize(r) for v, r in reports.items()},
+            **{v: paper_runs.summarize_runs(r) for v, r in reports.items()},
             "care_minus_simclr": {"mean": diff_mean, "std": diff_std, "per_pretrain_seed": differences}}
   (out / "fig4_linear_probe.json").write_text(json.dumps(result, indent=2))
   plt = paper_runs.pyplot()

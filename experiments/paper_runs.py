@@ -83,15 +83,15 @@ def run_variant(scale: str, variant: str, *, seed: int = 0, data_dir: str = "", 
   return train.train_and_evaluate(config, str(workdir))
 
 
-def random_init_report(scale: str, data_dir: str = "", results=RESULTS) -> dict:
-  """kNN and linear probe of the untrained encoder (the scale's architecture and seed 0)."""
+def random_init_report(scale: str, data_dir: str = "", results=RESULTS, seed: int = 0) -> dict:
+  """kNN and linear probe of the untrained encoder (the scale's architecture, initialised with `seed`)."""
   import jax  # noqa: PLC0415
 
   from care_jax import evaluate, train  # noqa: PLC0415
-  path = pathlib.Path(results) / "runs" / scale / "random_init.json"
+  path = pathlib.Path(results) / "runs" / scale / ("random_init.json" if seed == 0 else f"random_init-seed{seed}.json")
   if path.exists():
     return json.loads(path.read_text())
-  config = variant_config(scale, "care", 0, **({"data_dir": data_dir} if data_dir else {}))
+  config = variant_config(scale, "care", seed, **({"data_dir": data_dir} if data_dir else {}))
   mesh = train.make_mesh()
   model = train.build_model(config)
   variables = train.random_init_variables(model, config, mesh)
@@ -99,7 +99,7 @@ def random_init_report(scale: str, data_dir: str = "", results=RESULTS) -> dict:
   knn = evaluator.knn(variables, "random_init")
   probe = evaluator.linear_probe(variables, "random_init", config.linear_probe_seeds)
   result = {"knn_top1": knn["top1"], "linear_probe_top1": probe["top1"], "std": probe["top1_std"],
-            "devices": jax.device_count()}
+            "linear_probe": probe, "devices": jax.device_count(), "seed": seed}
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=2))
   return result
@@ -129,6 +129,27 @@ def run_seeds(args, variant: str) -> list:
     raise ValueError(f"--pretrain_seeds must be >= 1, got {args.pretrain_seeds}")
   return [run_variant(args.scale, variant, seed=seed, data_dir=args.data_dir, results=args.results)
           for seed in range(args.pretrain_seeds)]
+
+
+def summarize_runs(reports: list) -> dict:
+  """One variant's figures over its pretraining runs (run reports, or random_init_report's)."""
+  probe = [r["linear_probe"]["top1"] for r in reports]
+  mean, pretrain_std = mean_std(probe)
+  probe_std = sum(r["linear_probe"]["top1_std"] for r in reports) / len(reports)
+  out = {"linear_probe_top1": mean,
+         # The error bar: over pretraining runs when there are several.
+         "std": pretrain_std if len(reports) > 1 else probe_std,
+         "std_over": "pretraining seeds (ddof=1)" if len(reports) > 1 else "probe seeds",
+         "probe_seed_std": probe_std,
+         "per_pretrain_seed": probe,
+         "per_seed": reports[0]["linear_probe"]["top1_per_seed"] if len(reports) == 1 else
+                     [r["linear_probe"]["top1_per_seed"] for r in reports],
+         "knn_top1": mean_std([r["knn_top1"] for r in reports])[0],
+         "knn_per_pretrain_seed": [r["knn_top1"] for r in reports]}
+  for key in ("wahba_error_mean", "relative_equivariance"):  # absent for random init
+    if key in reports[0]:
+      out[key] = mean_std([r[key] for r in reports])[0]
+  return out
 
 
 def mean_std(values) -> tuple:
