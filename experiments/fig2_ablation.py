@@ -42,9 +42,13 @@ def main(argv=None):
   bars += [("SimCLR", result["simclr"], "C1"), ("CARE", result["care"], "C0")]
   values = [b[1]["linear_probe_top1"] for b in bars]
   ax.bar([b[0] for b in bars], values, yerr=[b[1]["std"] for b in bars], color=[b[2] for b in bars], capsize=5)
+  if args.pretrain_seeds > 1:  # each pretraining (or initialisation) seed as a dot over its bar
+    for x, b in enumerate(bars):
+      ax.plot([x] * len(b[1]["per_pretrain_seed"]), b[1]["per_pretrain_seed"], "k.", markersize=5)
+    values += [v for b in bars for v in b[1]["per_pretrain_seed"]]
   ax.set_ylim(max(0, min(values) - 10), max(values) + 5)
   ax.set_ylabel("linear probe top-1 (%)")
-  ax.set_title(f"{result['settings']['dataset']} ({args.scale})", fontsize=9)
+  ax.set_title(f"{result['settings']['dataset']} ({args.scale}); std over {result['care']['std_over']}", fontsize=9)
   fig.savefig(out / "fig2_ablation.png", dpi=110, bbox_inches="tight")
   print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1))
   return result
