@@ -236,7 +236,7 @@ def test_two_processes_with_jax_distributed_match_one_process(tmp_path):
   # SGD: the update is linear in the gradient (Adam's first step, g / |g|, turns
   # float noise in near-zero gradients into +-lr updates).
   common = [SMOKE, "--config.num_train_steps=3", "--config.final_eval=False", "--config.checkpoint_every_steps=0",
-            "--config.optimizer=sgd", "--config.learning_rate=0.05"]
+            "--config.optimizer=sgd", "--config.learning_rate=0.01"]
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, "-m", "care_jax.main", *common, f"--workdir={tmp_path / 'two'}",
                              "--config.distributed=True", f"--config.coordinator_address=127.0.0.1:{port}",
@@ -252,11 +252,11 @@ def test_two_processes_with_jax_distributed_match_one_process(tmp_path):
   assert sorted(two) == sorted(single) == [1, 2, 3]
   # Same global batch, views, BatchNorm statistics and negatives: the first
   # loss to float precision (a sharding mistake moves it by > 1e-3). Gradients
-  # only to 1e-3: cross-process all-reduces sum in another order, and on this
-  # data one ReLU input lies within ~1e-7 of 0, so its derivative flips (one
-  # channel's bias gradient moved by 0.002, the norm by 1.7e-4); SGD at lr 0.05
-  # then amplifies that through BatchNorm to ~1% in two steps.
+  # only to 1e-3: cross-process all-reduces sum in another order, and a ReLU
+  # input within ~1e-7 of 0 can flip its derivative; SGD amplifies that through
+  # BatchNorm (at lr 0.05 to ~1% in two steps, at lr 0.01 to ~3e-5), so the later
+  # losses agree to 1e-3.
   assert two[1]["loss"] == pytest.approx(single[1]["loss"], rel=1e-6)
   assert two[1]["grad_norm"] == pytest.approx(single[1]["grad_norm"], rel=1e-3)
   for step in (2, 3):
-    assert two[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-2)
+    assert two[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-3)
