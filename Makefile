@@ -26,8 +26,10 @@ data:
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
 	else echo "note: no apt-get; Fashion-MNIST tests will be skipped"; fi
 
+# Two pytest workers: compiling, most of the suite's time, runs on one core.
+TEST_WORKERS ?= 2
 test: $(STAMP) data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # The main job: pretrain the quickstart model on Fashion-MNIST, evaluate it
 # (kNN, linear probe, Wahba / gamma_f) and write runs/quickstart/report.json and

@@ -38,6 +38,12 @@ _JITTER_OPS = 4
 
 # ----------------------------------------------------------------------- sampling
 
+def _uniform(key, shape, **kwargs):
+  """jax.random.uniform(key, shape), the same numbers drawn flat: XLA:CPU compiles
+  threefry over a multi-dimensional shape several times slower (models/resnet.py)."""
+  return jax.random.uniform(key, (math.prod(shape),), **kwargs).reshape(shape)
+
+
 def _sample_crop_boxes(key, num, height, width, cfg: AugmentConfig, crop: bool):
   """RandomResizedCrop's (i, j, h, w) per image, as augment.py: 10 tries, then a centre crop."""
   h_f, w_f = float(height), float(width)
@@ -45,14 +51,14 @@ def _sample_crop_boxes(key, num, height, width, cfg: AugmentConfig, crop: bool):
     return jnp.tile(jnp.asarray([[0.0, 0.0, h_f, w_f]], jnp.float32), (num, 1))
   k_area, k_ratio, k_i, k_j = jax.random.split(key, 4)
   shape = (num, _CROP_ATTEMPTS)
-  area = h_f * w_f * jax.random.uniform(k_area, shape, minval=cfg.crop_scale[0], maxval=cfg.crop_scale[1])
-  ratio = jnp.exp(jax.random.uniform(k_ratio, shape, minval=math.log(cfg.crop_ratio[0]),
-                                     maxval=math.log(cfg.crop_ratio[1])))
+  area = h_f * w_f * _uniform(k_area, shape, minval=cfg.crop_scale[0], maxval=cfg.crop_scale[1])
+  ratio = jnp.exp(_uniform(k_ratio, shape, minval=math.log(cfg.crop_ratio[0]),
+                           maxval=math.log(cfg.crop_ratio[1])))
   w = jnp.round(jnp.sqrt(area * ratio))
   h = jnp.round(jnp.sqrt(area / ratio))
   valid = (w > 0) & (w <= w_f) & (h > 0) & (h <= h_f)
-  i = jnp.floor(jax.random.uniform(k_i, shape) * (h_f - h + 1))
-  j = jnp.floor(jax.random.uniform(k_j, shape) * (w_f - w + 1))
+  i = jnp.floor(_uniform(k_i, shape) * (h_f - h + 1))
+  j = jnp.floor(_uniform(k_j, shape) * (w_f - w + 1))
   first = jnp.argmax(valid, axis=1)
   pick = lambda t: jnp.take_along_axis(t, first[:, None], axis=1)[:, 0]
   in_ratio = w_f / h_f
@@ -69,7 +75,7 @@ def sample_params(key, num: int, height: int, width: int, cfg: AugmentConfig, cr
   keys = jax.random.split(key, 11)
   bern = lambda k, p: jax.random.uniform(k, (num,)) < p
   factor = lambda k, amount: jax.random.uniform(k, (num,), minval=max(0.0, 1.0 - amount), maxval=1.0 + amount)
-  order = jnp.argsort(jax.random.uniform(keys[6], (num, _JITTER_OPS)), axis=1, stable=True)
+  order = jnp.argsort(_uniform(keys[6], (num, _JITTER_OPS)), axis=1, stable=True)
   return {
       "crop": _sample_crop_boxes(keys[0], num, height, width, cfg, crop),
       "flip": bern(keys[1], cfg.flip_prob),

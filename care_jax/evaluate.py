@@ -161,7 +161,9 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
   init_key, key = jax.random.split(jax.random.PRNGKey(seed))
   # torch.nn.Linear's default init, so a short probe starts where the release's does.
   bound = 1.0 / np.sqrt(dim)
-  params = {"w": jax.random.uniform(init_key, (dim, num_classes), jnp.float32, -bound, bound),
+  # Drawn flat (the same numbers): XLA:CPU compiles 2-D threefry slowly (models/resnet.py).
+  params = {"w": jax.random.uniform(init_key, (dim * num_classes,), jnp.float32, -bound, bound
+                                    ).reshape(dim, num_classes),
             "b": jnp.zeros((num_classes,), jnp.float32)}
 
   def loss_fn(p, x, y):

@@ -39,7 +39,8 @@ from care_jax import config_lib, losses
 
 def init_state(params, batch_stats, rng, queue_size: int, dim: int) -> dict:
   """Key encoder = a copy of the query encoder; the queue starts as random unit vectors (as MoCo)."""
-  queue = jax.random.normal(rng, (queue_size, dim), jnp.float32)
+  # Drawn flat (the same numbers): XLA:CPU compiles 2-D threefry slowly (models/resnet.py).
+  queue = jax.random.normal(rng, (queue_size * dim,), jnp.float32).reshape(queue_size, dim)
   queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
   return {"params": jax.tree.map(jnp.copy, params), "batch_stats": jax.tree.map(jnp.copy, batch_stats),
           "queue": queue, "queue_ptr": jnp.zeros((), jnp.int32)}

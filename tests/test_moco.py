@@ -118,7 +118,7 @@ def test_moco_step_gradient_is_that_of_the_loss_with_keys_held_fixed():
     return (losses.moco_info_nce(z["x1"], keys, state0.moco["queue"], config.temperature)
             + 0.5 * losses.equivariance_loss(z["e1"], z["e2"], config.equiv_splits))
 
-  grads = jax.grad(loss)(state0.params)
+  grads = jax.jit(jax.grad(loss))(state0.params)  # jit: eager op-by-op took a minute
   expected = jax.tree.map(lambda p, g: p - 0.1 * g, state0.params, grads)
   state8, _ = _run(config, jax.devices(), batch)
   _assert_same_updates(state8.params, expected, state0.params, rtol=5e-4)

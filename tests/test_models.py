@@ -89,6 +89,31 @@ def test_stride2_padding_is_symmetric_like_pytorch():
   assert y.shape == (1, 4, 4, 1) and float(y[0, 0, 0, 0]) == 1.0
 
 
+@pytest.mark.parametrize("shape", [(3, 3, 3, 4), (1, 1, 8, 16), (7, 7, 3, 64), (64, 32), (96, 10)])
+def test_kernel_init_is_flax_default_value_for_value(shape):
+  # The flat draw only changes how XLA compiles it, not a single number.
+  import flax.linen as nn
+  key = jax.random.PRNGKey(7)
+  ours = jax.jit(resnet.lecun_normal, static_argnums=1)(key, shape)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(nn.linear.default_kernel_init(key, shape)))
+  fan_in = np.prod(shape[:-1])
+  assert np.abs(np.asarray(ours)).max() <= 2 / 0.87962566 / np.sqrt(fan_in) + 1e-6  # truncated at 2 sigma
+
+
+def test_blocks_and_head_initialise_exactly_as_with_flax_default_init(monkeypatch):
+  import flax.linen as nn
+  block, head = resnet.BasicBlock(filters=8, strides=2), resnet.ProjectionHead(hidden_dim=24, out_dim=8)
+  init = lambda: (block.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 4)), train=False)["params"],
+                  head.init(jax.random.PRNGKey(1), jnp.zeros((2, 12)))["params"])
+  ours = init()
+  monkeypatch.setattr(resnet, "lecun_normal", nn.linear.default_kernel_init)
+  flax_default = init()
+  # 3 conv kernels + 3 BN (scale, bias); 2 dense kernels, 1 bias, 1 BN (scale, bias).
+  assert len(jax.tree.leaves(ours)) == len(jax.tree.leaves(flax_default)) == 9 + 5
+  for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(flax_default)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_bad_names_and_widths():
   with pytest.raises(ValueError, match="unknown model 'resnet19'; choose one of resnet18, resnet34, resnet50"):
     models.build_encoder("resnet19")

@@ -88,8 +88,8 @@ def test_one_and_eight_devices_give_same_loss_gradients_and_updates(objective):
 
 
 def test_sgd_update_is_minus_lr_times_gradient_of_the_global_loss():
-  # Independent of the sharded program: jax.grad of the plain (unjitted,
-  # unsharded) loss of the same four views.
+  # Independent of the sharded program: jax.grad of the plain (unsharded)
+  # loss of the same four views.
   config = _tiny_config(optimizer="sgd", learning_rate=0.1, weight_decay=0.0, momentum=0.0)
   batch = _batch(config, seed=3)
   state0, _, _ = _setup(config, jax.devices()[:1])
@@ -105,7 +105,7 @@ def test_sgd_update_is_minus_lr_times_gradient_of_the_global_loss():
     return losses.care_loss(z["x1"], z["x2"], z["e1"], z["e2"], temperature=config.temperature,
                             equiv_weight=config.equiv_weight, num_chunks=config.equiv_splits)[0]
 
-  grads = jax.grad(loss)(state0.params)
+  grads = jax.jit(jax.grad(loss))(state0.params)  # jit: eager op-by-op took a minute
   expected = jax.tree.map(lambda p, g: p - 0.1 * g, state0.params, grads)
   state8, _ = _run(config, jax.devices(), batch)
   _assert_trees_close(state8.params, expected, rtol=1e-4, atol=1e-6)

@@ -25,7 +25,10 @@ needs_fashion_mnist = pytest.mark.skipif(
 
 def _env(devices: int = 8):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  # conftest's other XLA flags (-O0) too: the in-process evaluation below must
+  # round as the subprocess did (-O0 vs -O3 moved a Wahba mean by 1.5e-4).
+  others = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}", *others])
   env["PYTHONPATH"] = str(ROOT)
   env["PYTHONUNBUFFERED"] = "1"
   return env

@@ -13,14 +13,31 @@ CIFAR/STL model) and 'imagenet' (7x7 stride-2 conv + 3x3 stride-2 max-pool).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 STAGE_SIZES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
 STEMS = ("cifar", "imagenet")
 _BASE_WIDTHS = (64, 128, 256, 512)
+
+
+def lecun_normal(key, shape, dtype=jnp.float32):
+  """flax's default kernel init, value for value, drawn as a flat vector.
+
+  LeCun normal: a normal truncated at +-2 sigma with variance 1 / fan_in, fan_in
+  = prod(shape[:-1]). jax's partitionable threefry numbers each element by its
+  flat index, so the same key gives the same numbers for `shape` and for the
+  flat vector; but XLA:CPU compiles the multi-dimensional form ~40x slower (the
+  quickstart ResNet-18's init took 18 s to compile on 2 AMD cores, see
+  tests/test_models.py). Same arithmetic as jax.nn.initializers.variance_scaling.
+  """
+  variance = jnp.array(1.0 / math.prod(shape[:-1]), dtype=dtype)
+  stddev = jnp.sqrt(variance) / jnp.array(.87962566103423978, dtype)
+  return jax.random.truncated_normal(key, -2, 2, (math.prod(shape),), dtype).reshape(shape) * stddev
 
 
 BATCHNORM_MOMENTUM = 0.9  # flax's convention: running = 0.9 running + 0.1 batch (PyTorch's 0.1)
@@ -39,7 +56,7 @@ def _conv(features, kernel, strides=1, dtype=jnp.float32, name=None):
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                 param_dtype=jnp.float32, name=name)
+                 param_dtype=jnp.float32, kernel_init=lecun_normal, name=name)
 
 
 def _shortcut(x, out: int, strides: int, train: bool, dtype):
@@ -120,9 +137,11 @@ class ProjectionHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Dense(self.hidden_dim, use_bias=not self.batch_norm, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    x = nn.Dense(self.hidden_dim, use_bias=not self.batch_norm, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=lecun_normal)(x)
     x = nn.relu(_norm(train, self.dtype)(x) if self.batch_norm else x)
-    return nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32)(x).astype(jnp.float32)
+    return nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=lecun_normal)(x).astype(jnp.float32)
 
 
 def l2_normalize(x, eps: float = 1e-12):
