@@ -257,9 +257,9 @@ def test_two_processes_with_jax_distributed_match_one_process(tmp_path):
   # loss to float precision (a sharding mistake moves it by > 1e-3). Gradients
   # only to 1e-3: cross-process all-reduces sum in another order, and a ReLU
   # input within ~1e-7 of 0 can flip its derivative; SGD amplifies that through
-  # BatchNorm (at lr 0.05 to ~1% in two steps, at lr 0.01 to ~3e-5), so the later
-  # losses agree to 1e-3.
+  # BatchNorm, how much depends on the flip (lr 0.05: ~1% in two steps; lr 0.01:
+  # 3e-5 with LLVM -O3, 3e-3 with -O0), so the later losses only to 1e-2.
   assert two[1]["loss"] == pytest.approx(single[1]["loss"], rel=1e-6)
   assert two[1]["grad_norm"] == pytest.approx(single[1]["grad_norm"], rel=1e-3)
   for step in (2, 3):
-    assert two[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-3)
+    assert two[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-2)
