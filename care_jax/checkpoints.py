@@ -7,6 +7,12 @@ manager opens). Restoring walks back from the newest step: an unreadable
 checkpoint is reported, moved aside to workdir/checkpoints_unreadable/<step>
 (never deleted) and the one before it is used. Paths go through etils.epath, so
 gs:// work directories behave like local ones.
+
+Arrays are written by one replica unless they are large: orbax's default on CPU
+and TPU splits every replicated array across its R replicas with one eager
+slice per (shape, replica), and each slice is a small XLA compile. For this
+project's models that cost ~3 s per process on 8 CPU devices against 0.35 s
+for the whole write; splitting only pays when a slice is megabytes.
 """
 
 from __future__ import annotations
@@ -20,6 +26,21 @@ from etils import epath
 
 # orbax's words when the saved tree and the requested one differ in structure.
 _STRUCTURE_MISMATCH = "tree structures do not match"
+# Replica-parallel writes only for slices at least this large (see the module docstring).
+REPLICA_PARALLEL_MIN_SLICE_BYTES = 8 << 20
+
+
+def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
+  """orbax's default handlers, with jax.Array split across replicas only for big slices."""
+  handlers = [(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()
+              if ty is not jax.Array]
+  # The metadata store orbax's own default jax.Array handler writes (not exported
+  # publicly): the files on disk stay exactly what StandardSave writes.
+  from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: PLC0415
+  arrays = ocp.type_handlers.ArrayHandler(
+      min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES,
+      array_metadata_store=array_metadata_store.Store())
+  return ocp.type_handlers.create_type_handler_registry(*handlers, (jax.Array, arrays))
 
 
 class CheckpointError(RuntimeError):
@@ -47,7 +68,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=not self._read_only,
                                            cleanup_tmp_directories=not self._read_only, read_only=self._read_only,
                                            enable_async_checkpointing=self._async)
-    return ocp.CheckpointManager(self.directory, options=options)
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers())
+    return ocp.CheckpointManager(self.directory, options=options, item_handlers=handler)
 
   def all_steps(self):
     return sorted(self._manager.all_steps())
@@ -59,14 +81,16 @@ class Checkpointer:
     """Starts saving `state` as `step` (returns before the write ends when async)."""
     if step in self._manager.all_steps():
       return  # Already saved (e.g. the final step equals a periodic one).
-    self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+    self._manager.save(int(step), args=ocp.args.PyTreeSave(state), force=True)
 
   def restore_latest(self, like, at_most: Optional[int] = None) -> Tuple[Any, Optional[int]]:
     """(state, step) from the newest readable checkpoint (<= at_most), or (None, None) if none exist."""
     steps = [s for s in self.all_steps() if at_most is None or s <= at_most]
     for step in reversed(steps):
       try:
-        state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_like(like)))
+        abstract = abstract_like(like)
+        state = self._manager.restore(step, args=ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
         return state, step
       except Exception as e:  # noqa: BLE001 - any unreadable file means: use the previous one.
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

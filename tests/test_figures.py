@@ -1,8 +1,14 @@
-"""The figure scripts end to end at --scale=smoke: runs shared, JSON and PNG written."""
+"""The figure scripts end to end at --scale=smoke: runs shared, JSON and PNG written.
+
+Pretraining seed 0 of each variant is a real smoke run; seed 1 is a finished
+run's report.json written beforehand with known numbers, which the scripts
+must reuse (as they reuse any finished run) and aggregate with seed 0's.
+"""
 
 import json
 import os
 
+import numpy as np
 import pytest
 
 from care_jax import datasets
@@ -11,36 +17,61 @@ needs_fashion_mnist = pytest.mark.skipif(
     not os.path.exists(os.path.join(datasets.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
     reason="Debian's dataset-fashion-mnist is not installed")
 
+# Seed 1's known numbers: probe top-1 and the three Wahba trials' errors.
+SEED1 = {"simclr": (41.0, [3.0, 4.0, 5.0]), "care": (43.0, [1.0, 2.0, 6.0]), "equi_unif-w0.5": (37.0, [2.0, 2.0, 2.0])}
+RANDOM_INIT_SEED1 = 23.0
+
+
+def _finished_report(probe_top1: float, wahba: list) -> dict:
+  """The fields of a run's report.json that the figure scripts read."""
+  return {"linear_probe": {"top1": probe_top1, "top1_std": 0.5, "top1_per_seed": [probe_top1 - 0.5, probe_top1 + 0.5]},
+          "linear_probe_top1": probe_top1, "knn_top1": probe_top1 + 1.0,
+          "wahba_error_mean": float(np.mean(wahba)), "relative_equivariance": 0.25,
+          "wahba_trials": [{"wahba_error": w, "relative_equivariance": 0.25} for w in wahba]}
+
 
 @needs_fashion_mnist
 def test_figure_scripts_run_share_their_runs_and_write_json_and_png(tmp_path, capsys):
   from experiments import fig2_ablation, fig3_wahba, fig4_linear_probe
+  runs_dir = tmp_path / "runs" / "smoke"
+  for name, (probe, wahba) in SEED1.items():
+    (runs_dir / f"{name}-seed1").mkdir(parents=True)
+    (runs_dir / f"{name}-seed1" / "report.json").write_text(json.dumps(_finished_report(probe, wahba)))
+  random_init = {"knn_top1": 30.0, "linear_probe_top1": RANDOM_INIT_SEED1, "std": 0.5, "seed": 1,
+                 "linear_probe": {"top1": RANDOM_INIT_SEED1, "top1_std": 0.5, "top1_per_seed": [RANDOM_INIT_SEED1] * 2}}
+  (runs_dir / "random_init-seed1.json").write_text(json.dumps(random_init))
+
   common = ["--scale=smoke", f"--results={tmp_path}", "--pretrain_seeds=2"]
   fig2 = fig2_ablation.main(common + ["--equi_unif_weights", "0.5"])
-  runs = sorted(p.name for p in (tmp_path / "runs" / "smoke").iterdir())
-  assert runs == ["care-seed0", "care-seed1", "equi_unif-w0.5-seed0", "equi_unif-w0.5-seed1",
-                  "random_init-seed1.json", "random_init.json", "simclr-seed0", "simclr-seed1"]
+  err = capsys.readouterr().err
+  assert err.count("pretraining") == 3 and err.count("reusing") == 3  # seed 0 trained, seed 1 reused
+  assert sorted(p.name for p in runs_dir.iterdir()) == [
+      "care-seed0", "care-seed1", "equi_unif-w0.5-seed0", "equi_unif-w0.5-seed1",
+      "random_init-seed1.json", "random_init.json", "simclr-seed0", "simclr-seed1"]
   # A swept weight gets its own run folder and is what that run trained with.
-  config = json.loads((tmp_path / "runs" / "smoke" / "equi_unif-w0.5-seed1" / "config.json").read_text())
-  assert config["equiv_weight"] == 0.5 and config["objective"] == "equi_unif" and config["seed"] == 1
+  config = json.loads((runs_dir / "equi_unif-w0.5-seed0" / "config.json").read_text())
+  assert config["equiv_weight"] == 0.5 and config["objective"] == "equi_unif" and config["seed"] == 0
   assert set(fig2["equi_unif_sweep"]) == {"0.5"} and fig2["equi_unif"] == fig2["equi_unif_sweep"]["0.5"]
-  reports = {(name, s): json.loads((tmp_path / "runs" / "smoke" / f"{name}-seed{s}" / "report.json").read_text())
-             for name in ("simclr", "care") for s in (0, 1)}
-  for name in ("simclr", "care"):
-    probe = [reports[name, s]["linear_probe"]["top1"] for s in (0, 1)]
-    assert fig2[name]["per_pretrain_seed"] == probe
-    assert fig2[name]["linear_probe_top1"] == pytest.approx(sum(probe) / 2)
-    assert fig2[name]["std"] == pytest.approx(abs(probe[0] - probe[1]) / 2 ** 0.5)  # ddof=1 of two values
-    assert reports[name, 0]["knn"]["bank_size"] == 2048 and reports[name, 0]["knn"]["num_queries"] == 1024
-  assert len(fig2["random_init"]["per_pretrain_seed"]) == 2
-  capsys.readouterr()
+  for name in ("simclr", "care", "equi_unif-w0.5"):
+    seed0 = json.loads((runs_dir / f"{name}-seed0" / "report.json").read_text())
+    assert seed0["knn"]["bank_size"] == 2048 and seed0["knn"]["num_queries"] == 1024
+    probe = [seed0["linear_probe"]["top1"], SEED1[name][0]]
+    bar = fig2[name.split("-")[0]]
+    assert bar["per_pretrain_seed"] == probe
+    assert bar["linear_probe_top1"] == pytest.approx((probe[0] + probe[1]) / 2)
+    assert bar["std"] == pytest.approx(abs(probe[0] - probe[1]) / 2 ** 0.5)  # ddof=1 of two values
+  assert fig2["random_init"]["per_pretrain_seed"][1] == RANDOM_INIT_SEED1
+
   fig4 = fig4_linear_probe.main(common)
   fig3 = fig3_wahba.main(common)
   assert "pretraining" not in capsys.readouterr().err  # fig3 and fig4 trained nothing new
-  assert len(fig3["per_trial"]["care"]) == len(fig3["per_trial"]["simclr"]) == 2 * 3
-  assert 0.0 <= fig3["care_below_simclr_fraction"] <= 1.0
   for name in ("simclr", "care"):
     assert fig4[name] == fig2[name]  # one summary of the same runs
+    # Trials in [pretraining seed, trial] order: seed 1's are the known ones.
+    assert len(fig3["per_trial"][name]) == 2 * 3 and fig3["per_trial"][name][3:] == SEED1[name][1]
+  care, simclr = np.array(fig3["per_trial"]["care"]), np.array(fig3["per_trial"]["simclr"])
+  assert fig3["care_below_simclr_fraction"] == pytest.approx(np.mean(care < simclr))
+  assert fig3["care_wahba_error_max"] == care.max() and fig3["care_wahba_error_mean_per_pretrain_seed"][1] == 3.0
   assert fig4["care_minus_simclr"]["per_pretrain_seed"] == pytest.approx(
       [c - s for c, s in zip(fig4["care"]["per_pretrain_seed"], fig4["simclr"]["per_pretrain_seed"])])
   for figure in ("fig2_ablation", "fig3_wahba", "fig4_linear_probe"):

@@ -187,7 +187,7 @@ def test_lars_matches_optax_reference_on_one_step():
 
 
 def test_vmapped_views_equal_sequential_passes_including_batchnorm_statistics():
-  config = _tiny_config(optimizer="sgd", learning_rate=0.05, weight_decay=1e-3)
+  config = _tiny_config(optimizer="sgd", learning_rate=0.05, weight_decay=1e-3, view_batching="sequential")
   batch = _batch(config, seed=4)
   state0 = jax.device_get(_setup(config, jax.devices()[:1])[0])
   seq, m_seq = _run(config, jax.devices(), batch)

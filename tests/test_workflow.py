@@ -17,6 +17,10 @@ from care_jax import config_lib, input_pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = f"--config={ROOT / 'configs' / 'quickstart.py'}:smoke"
+# Runs whose subject is not the input pipeline make their views on the device:
+# the process then never imports TensorFlow (5-8 s of each run's start on 2
+# cores) and shares its compiled step with the other device-backend runs.
+DEVICE_VIEWS = "--config.augment_backend=device"
 
 needs_fashion_mnist = pytest.mark.skipif(
     not os.path.exists(os.path.join(input_pipeline.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
@@ -142,9 +146,9 @@ def test_corrupt_latest_checkpoint_falls_back_and_temporary_dirs_are_cleaned(tmp
 @needs_fashion_mnist
 def test_a_run_resumed_with_another_objective_stops_with_one_line_and_keeps_its_checkpoints(tmp_path):
   workdir = tmp_path / "run"
-  first = _main(SMOKE, f"--workdir={workdir}", "--config.num_train_steps=2", "--config.final_eval=False")
+  first = _main(SMOKE, f"--workdir={workdir}", DEVICE_VIEWS, "--config.num_train_steps=2", "--config.final_eval=False")
   assert first.returncode == 0, first.stderr[-2000:]
-  second = _main(SMOKE, f"--workdir={workdir}", "--config.num_train_steps=4", "--config.final_eval=False",
+  second = _main(SMOKE, f"--workdir={workdir}", DEVICE_VIEWS, "--config.num_train_steps=4", "--config.final_eval=False",
                  "--config.objective=moco_care", "--config.moco_queue_size=64", "--config.moco_bn_groups=4")
   assert second.returncode == 1 and "Traceback" not in second.stderr
   assert "holds a different train state" in second.stderr.strip().splitlines()[-1]
@@ -154,7 +158,7 @@ def test_a_run_resumed_with_another_objective_stops_with_one_line_and_keeps_its_
 @needs_fashion_mnist
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
   workdir = tmp_path / "run"
-  proc = subprocess.Popen([sys.executable, "-m", "care_jax.main", SMOKE, f"--workdir={workdir}",
+  proc = subprocess.Popen([sys.executable, "-m", "care_jax.main", SMOKE, f"--workdir={workdir}", DEVICE_VIEWS,
                            "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000"],
                           env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
@@ -167,7 +171,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
   assert "rerun the same command to resume" in err
   saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert len(saved) == 1 and saved[0] >= 3
-  result = _main(SMOKE, f"--workdir={workdir}", f"--config.num_train_steps={saved[0] + 2}",
+  result = _main(SMOKE, f"--workdir={workdir}", DEVICE_VIEWS, f"--config.num_train_steps={saved[0] + 2}",
                  "--config.final_eval=False")
   assert result.returncode == 0, result.stderr
   assert f"(step {saved[0]})" in result.stderr
@@ -176,7 +180,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
 
 @needs_fashion_mnist
 def test_training_that_diverges_stops_with_one_line_and_keeps_checkpoints(tmp_path):
-  result = _main(SMOKE, f"--workdir={tmp_path / 'run'}", "--config.temperature=1e-30")
+  result = _main(SMOKE, f"--workdir={tmp_path / 'run'}", DEVICE_VIEWS, "--config.temperature=1e-30")
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert "NaN/inf" in result.stderr.strip().splitlines()[-1]
 
@@ -189,7 +193,7 @@ def test_smoke_run_without_tensorflow_writes_report_metrics_tensorboard_and_plot
   blocked = ("import sys, runpy; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None; "
              "sys.argv[0] = 'care_jax.main'; runpy.run_module('care_jax.main', run_name='__main__')")
   run = subprocess.run([sys.executable, "-c", blocked, SMOKE, f"--workdir={workdir}", "--config.eval_every_steps=2",
-                        "--config.augment_backend=device"],
+                        DEVICE_VIEWS],
                        env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   saved = json.loads((workdir / "report.json").read_text())
