@@ -67,6 +67,7 @@ def get_config(preset: str = ""):
     c.knn_k = 20
     c.knn_monitor_examples = 512
     c.eval_train_split = "train[:4096]"  # kNN bank and probe training set: seconds, not a minute
+    c.test_split = "test[:2048]"
     c.linear_probe_epochs = 2
     c.wahba_trials = 3
     c.composition_trials = 2

@@ -121,7 +121,7 @@ def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tmp_path, back
 @needs_fashion_mnist
 def test_corrupt_latest_checkpoint_falls_back_and_temporary_dirs_are_cleaned(tmp_path, capfd):
   from care_jax import train
-  config = _smoke_config(num_train_steps=4, checkpoint_every_steps=2, final_eval=False)
+  config = _smoke_config(num_train_steps=4, checkpoint_every_steps=2, final_eval=False, augment_backend="device")
   workdir = tmp_path / "run"
   train.train_and_evaluate(config, str(workdir))
   ckpts = workdir / "checkpoints"
@@ -133,8 +133,8 @@ def test_corrupt_latest_checkpoint_falls_back_and_temporary_dirs_are_cleaned(tmp
   (leftover / "default").mkdir(parents=True)
   (leftover / "default" / "junk").write_bytes(b"partial")
   capfd.readouterr()
-  train.train_and_evaluate(_smoke_config(num_train_steps=6, checkpoint_every_steps=2, final_eval=False),
-                           str(workdir))
+  train.train_and_evaluate(_smoke_config(num_train_steps=6, checkpoint_every_steps=2, final_eval=False,
+                                         augment_backend="device"), str(workdir))
   err = capfd.readouterr().err
   assert "checkpoint at step 4 is unreadable" in err and "resumed from" in err and "(step 2)" in err
   assert (workdir / "checkpoints_unreadable" / "4").is_dir()
@@ -200,6 +200,7 @@ def test_smoke_run_without_tensorflow_writes_report_metrics_tensorboard_and_plot
   for key in ("knn_top1", "linear_probe_top1", "wahba_error_mean", "wahba_error_max", "relative_equivariance"):
     assert np.isfinite(saved[key])
   assert saved["knn"]["k"] == 20 and saved["knn"]["temperature"] == 0.5 and saved["knn"]["bank_size"] == 4096
+  assert saved["knn"]["num_queries"] == 2048  # the smoke preset's test[:2048]
   assert len(saved["wahba_trials"]) == 3 and saved["wahba_error_max"] >= saved["wahba_error_mean"] > 0
   assert 10.0 < saved["knn_top1"] <= 100.0  # 10 classes: above chance after 4 steps
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -217,7 +218,7 @@ def test_smoke_run_without_tensorflow_writes_report_metrics_tensorboard_and_plot
   # The evaluation CLI path restores the checkpoint (read-only) and must agree
   # with the in-memory evaluation at the end of training.
   from care_jax import evaluate
-  assert sorted(p.name for p in (workdir / "features" / "step_4").iterdir()) == ["test-0.npz", "train__4096_-0.npz"]
+  assert sorted(p.name for p in (workdir / "features" / "step_4").iterdir()) == ["test__2048_-0.npz", "train__4096_-0.npz"]
   # A relative --workdir, as a user types it (orbax itself only takes absolute paths).
   monkeypatch.chdir(workdir.parent)
   again = evaluate.evaluate_workdir(workdir.name, overrides={"linear_probe_seeds": 2})
