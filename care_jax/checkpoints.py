@@ -86,11 +86,11 @@ class Checkpointer:
   def restore_latest(self, like, at_most: Optional[int] = None) -> Tuple[Any, Optional[int]]:
     """(state, step) from the newest readable checkpoint (<= at_most), or (None, None) if none exist."""
     steps = [s for s in self.all_steps() if at_most is None or s <= at_most]
+    abstract = abstract_like(like)
+    restore = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
     for step in reversed(steps):
       try:
-        abstract = abstract_like(like)
-        state = self._manager.restore(step, args=ocp.args.PyTreeRestore(
-            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+        state = self._manager.restore(step, args=restore)
         return state, step
       except Exception as e:  # noqa: BLE001 - any unreadable file means: use the previous one.
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
