@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from care_jax import random_util
 from care_jax.augment_config import AugmentConfig
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -39,9 +40,7 @@ _JITTER_OPS = 4
 # ----------------------------------------------------------------------- sampling
 
 def _uniform(key, shape, **kwargs):
-  """jax.random.uniform(key, shape), the same numbers drawn flat: XLA:CPU compiles
-  threefry over a multi-dimensional shape several times slower (models/resnet.py)."""
-  return jax.random.uniform(key, (math.prod(shape),), **kwargs).reshape(shape)
+  return random_util.drawn_flat(jax.random.uniform, key, shape, **kwargs)
 
 
 def _sample_crop_boxes(key, num, height, width, cfg: AugmentConfig, crop: bool):

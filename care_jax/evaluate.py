@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from care_jax import augment_jax, config_lib, datasets, geometry, losses
+from care_jax import augment_jax, config_lib, datasets, geometry, losses, random_util
 from care_jax.augment_config import augment_config
 
 
@@ -161,9 +161,8 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
   init_key, key = jax.random.split(jax.random.PRNGKey(seed))
   # torch.nn.Linear's default init, so a short probe starts where the release's does.
   bound = 1.0 / np.sqrt(dim)
-  # Drawn flat (the same numbers): XLA:CPU compiles 2-D threefry slowly (models/resnet.py).
-  params = {"w": jax.random.uniform(init_key, (dim * num_classes,), jnp.float32, -bound, bound
-                                    ).reshape(dim, num_classes),
+  params = {"w": random_util.drawn_flat(jax.random.uniform, init_key, (dim, num_classes), dtype=jnp.float32,
+                                        minval=-bound, maxval=bound),
             "b": jnp.zeros((num_classes,), jnp.float32)}
 
   def loss_fn(p, x, y):

@@ -34,13 +34,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from care_jax import config_lib, losses
+from care_jax import config_lib, losses, random_util
 
 
 def init_state(params, batch_stats, rng, queue_size: int, dim: int) -> dict:
   """Key encoder = a copy of the query encoder; the queue starts as random unit vectors (as MoCo)."""
-  # Drawn flat (the same numbers): XLA:CPU compiles 2-D threefry slowly (models/resnet.py).
-  queue = jax.random.normal(rng, (queue_size * dim,), jnp.float32).reshape(queue_size, dim)
+  queue = random_util.drawn_flat(jax.random.normal, rng, (queue_size, dim), dtype=jnp.float32)
   queue = queue / jnp.linalg.norm(queue, axis=1, keepdims=True)
   return {"params": jax.tree.map(jnp.copy, params), "batch_stats": jax.tree.map(jnp.copy, batch_stats),
           "queue": queue, "queue_ptr": jnp.zeros((), jnp.int32)}
