@@ -50,22 +50,33 @@ def test_flip_grayscale_and_single_ops():
     np.testing.assert_allclose(out[i], want, atol=2e-3)
 
 
-def test_blur_matches_numpy_reflect_gaussian():
-  x = _images(2)
-  p = _identity_params(2, 16)
+@pytest.mark.parametrize("size, kernel", [(16, 3), (64, 7)])
+def test_blur_matches_numpy_reflect_gaussian(size, kernel):
+  cfg = augment.AugmentConfig(image_size=size)
+  assert cfg.blur_kernel_size == kernel
+  x = _images(2, size=size)
+  p = _identity_params(2, size)
   p["blur"] = tf.constant([True, True])
   p["blur_sigma"] = tf.constant([0.5, 1.7])
-  out = augment.apply(x, p, CFG).numpy() * 0.5 + 0.5
-  k = CFG.blur_kernel_size
-  assert k == 3
+  out = augment.apply(x, p, cfg).numpy() * 0.5 + 0.5
+  pad = kernel // 2
   for i, sigma in enumerate([0.5, 1.7]):
-    t = np.arange(k) - (k - 1) / 2
+    t = np.arange(kernel) - (kernel - 1) / 2
     w = np.exp(-0.5 * (t / sigma) ** 2)
     w /= w.sum()
-    img = np.pad(x.numpy()[i] / 255.0, ((1, 1), (1, 1), (0, 0)), mode="reflect")
-    rows = sum(w[a] * img[a:a + 16] for a in range(k))
-    want = sum(w[b] * rows[:, b:b + 16] for b in range(k))
+    img = np.pad(x.numpy()[i] / 255.0, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    rows = sum(w[a] * img[a:a + size] for a in range(kernel))
+    want = sum(w[b] * rows[:, b:b + size] for b in range(kernel))
     np.testing.assert_allclose(out[i], want, atol=1e-5)
+
+
+def test_uint8_and_unit_float_sources_give_the_same_views():
+  # The streamed path hands apply() float images in [0, 1] (cropped per image), the in-memory one uint8.
+  x = _images(8)
+  p = augment.sample_params(tf.constant([7, 8], tf.int64), 8, 16, 16, CFG)
+  from_uint8 = augment.apply(x, p, CFG).numpy()
+  from_float = augment.apply(tf.cast(x, tf.float32) / 255.0, p, CFG).numpy()
+  np.testing.assert_allclose(from_float, from_uint8, atol=1e-5)
 
 
 def test_crop_boxes_follow_torchvision_rules():
