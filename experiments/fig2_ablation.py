@@ -1,7 +1,7 @@
 """Paper Figure 2: SimCLR vs L_equi + L_unif vs CARE, and random-init features.
 
   python -m experiments.fig2_ablation --scale=small      # Fashion-MNIST, CPU (README)
-  python -m experiments.fig2_ablation --scale=paper --data_dir=DIR
+  python -m experiments.fig2_ablation --scale=paper --data_dir=DIR [--paper_dataset=cifar100|stl10|imagenet100]
   python -m experiments.fig2_ablation --equi_unif_weights 1 0.3 0.1   # + a weight sweep
   python -m experiments.fig2_ablation --equi_unif_weights 3 1 --pretrain_seeds=3
 
@@ -17,23 +17,27 @@ import json
 from experiments import paper_runs
 
 
+@paper_runs.main_guard
 def main(argv=None):
   args = paper_runs.parse_args(__doc__.splitlines()[0], argv, extra=lambda p: p.add_argument(
       "--equi_unif_weights", type=float, nargs="+", default=[1.0],
       help="L_equi weights of the L_equi + L_unif runs (a sweep: one bar each)"))
+  paper_runs.require_simclr_pair(args, "fig2_ablation")
   out = paper_runs.out_dir(args, "fig2_ablation")
   seeds = range(args.pretrain_seeds)
   runs = lambda v, w=None: paper_runs.summarize_runs([  # noqa: E731
-      paper_runs.run_variant(args.scale, v, seed=s, data_dir=args.data_dir, results=args.results, equiv_weight=w)
+      paper_runs.run_variant(args.scale, v, seed=s, data_dir=args.data_dir, results=args.results, equiv_weight=w,
+                             dataset=args.paper_dataset)
       for s in seeds])
   # The default weight (1.0) keeps the run folder of the variant itself.
   sweep = {w: runs("equi_unif", None if w == 1.0 else w) for w in args.equi_unif_weights}
-  result = {"scale": args.scale, "settings": paper_runs.settings(args.scale), "pretrain_seeds": args.pretrain_seeds,
+  result = {"scale": args.scale, "settings": paper_runs.settings(args.scale, args.paper_dataset), "pretrain_seeds": args.pretrain_seeds,
             "simclr": runs("simclr"), "care": runs("care"),
             "equi_unif": sweep[args.equi_unif_weights[0]], "equi_unif_weight": args.equi_unif_weights[0],
             "equi_unif_sweep": {f"{w:g}": r for w, r in sweep.items()},
             "random_init": paper_runs.summarize_runs([
-                paper_runs.random_init_report(args.scale, args.data_dir, args.results, seed=s) for s in seeds])}
+                paper_runs.random_init_report(args.scale, args.data_dir, args.results, seed=s,
+                                              dataset=args.paper_dataset) for s in seeds])}
   (out / "fig2_ablation.json").write_text(json.dumps(result, indent=2))
   plt = paper_runs.pyplot()
   fig, ax = plt.subplots(figsize=(4 + len(sweep), 3.5))

@@ -1,7 +1,7 @@
 """Paper Figure 3: Wahba error of CARE vs SimCLR, per sampled augmentation.
 
   python -m experiments.fig3_wahba --scale=small --pretrain_seeds=3   # Fashion-MNIST, CPU (README)
-  python -m experiments.fig3_wahba --scale=paper --data_dir=DIR
+  python -m experiments.fig3_wahba --scale=paper --data_dir=DIR [--paper_dataset=cifar100|stl10|imagenet100]
 
 Both encoders see the same sampled augmentations (same seed -> same trials), so
 the comparison is paired: a scatter of (SimCLR error, CARE error) per trial with
@@ -18,8 +18,10 @@ import numpy as np
 from experiments import paper_runs
 
 
+@paper_runs.main_guard
 def main(argv=None):
   args = paper_runs.parse_args(__doc__.splitlines()[0], argv)
+  paper_runs.require_simclr_pair(args, "fig3_wahba")
   out = paper_runs.out_dir(args, "fig3_wahba")
   reports = {v: paper_runs.run_seeds(args, v) for v in ("simclr", "care")}
   # [pretraining seed, trial]
@@ -30,7 +32,7 @@ def main(argv=None):
   result = {
       "pretrain_seeds": args.pretrain_seeds,
       **{f"{v}_wahba_error_mean_per_pretrain_seed": e.mean(axis=1).tolist() for v, e in per_seed.items()},
-      "scale": args.scale, "settings": paper_runs.settings(args.scale),
+      "scale": args.scale, "settings": paper_runs.settings(args.scale, args.paper_dataset),
       **{f"{v}_wahba_error_mean": float(e.mean()) for v, e in errors.items()},
       **{f"{v}_wahba_error_max": float(e.max()) for v, e in errors.items()},
       **{f"{v}_relative_equivariance": float(g.mean()) for v, g in gammas.items()},

@@ -3,9 +3,11 @@
 A variant is (objective, equiv_weight) on top of a scale's base config:
   smoke  the quickstart smoke preset, evaluated on 2048 + 1024 images (seconds; tests)
   small  the quickstart model on the embedded Fashion-MNIST, CPU-sized
-  paper  the release's CIFAR-10 settings (configs/cifar10_*.py), needs tfds data
-         (--data_dir) and an accelerator
-Runs land in <results>/runs/<scale>/<variant>/ (--results, default
+  paper  the release's settings for one of the paper's Figure-4 runs
+         (--paper_dataset: cifar10, cifar100, stl10, imagenet100, or
+         imagenet100_moco for MoCo-v2 vs MoCo-v2 + CARE), from configs/; needs
+         tfds data (--data_dir) and an accelerator
+Runs land in <results>/runs/<scale>/<variant>/ (paper: runs/paper/<dataset>/; --results, default
 experiments/results); a run whose report.json exists is reused, so fig3 and fig4 share their CARE and SimCLR runs, and an
 interrupted script resumes from the runs' checkpoints.
 """
@@ -13,6 +15,7 @@ interrupted script resumes from the runs' checkpoints.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -28,6 +31,17 @@ VARIANTS = {
     "simclr": {"objective": "simclr", "equiv_weight": 0.0},
     "care": {"objective": "care"},  # the scale's lambda
     "equi_unif": {"objective": "equi_unif", "equiv_weight": 1.0},
+    "moco": {"objective": "moco", "equiv_weight": 0.0},
+    "moco_care": {"objective": "moco_care"},  # the config's lambda
+}
+# --scale=paper: the config file of each of the paper's Figure-4 runs, the pair it
+# compares (baseline, CARE) and the paper's linear-probe top-1 for that pair.
+PAPER_RUNS = {
+    "cifar10": ("cifar10_care", ("simclr", "care"), (90.98, 91.92)),
+    "cifar100": ("cifar100_care", ("simclr", "care"), (66.77, 68.05)),
+    "stl10": ("stl10_care", ("simclr", "care"), (84.19, 84.64)),
+    "imagenet100": ("imagenet100_care", ("simclr", "care"), (72.79, 76.69)),
+    "imagenet100_moco": ("imagenet100_moco_care", ("moco", "moco_care"), (73.16, 74.22)),
 }
 
 
@@ -35,7 +49,7 @@ def _load_config(name: str, preset: str = ""):
   return config_lib.load_config_file(ROOT / "configs" / f"{name}.py", preset)
 
 
-def base_config(scale: str):
+def base_config(scale: str, dataset: str = "cifar10"):
   if scale == "smoke":
     c = _load_config("quickstart", "smoke")
     c.eval_train_split, c.test_split = "train[:2048]", "test[:1024]"
@@ -48,28 +62,37 @@ def base_config(scale: str):
     c.random_init_baseline = False
     return c
   if scale == "paper":
-    c = _load_config("cifar10_care")
+    c = _load_config(PAPER_RUNS[dataset][0])
     c.linear_probe_seeds = 5
     return c
   raise ValueError(f"--scale={scale!r}: use smoke, small or paper")
 
 
-def variant_config(scale: str, variant: str, seed: int = 0, **overrides):
-  c = base_config(scale)
+def compared_variants(scale: str, dataset: str = "cifar10") -> tuple:
+  """(baseline, CARE) variants the scale compares: SimCLR and CARE, or MoCo-v2 and MoCo-v2 + CARE."""
+  return PAPER_RUNS[dataset][1] if scale == "paper" else ("simclr", "care")
+
+
+def runs_dir(scale: str, dataset: str, results=RESULTS) -> pathlib.Path:
+  return pathlib.Path(results) / "runs" / scale / (dataset if scale == "paper" else "")
+
+
+def variant_config(scale: str, variant: str, seed: int = 0, dataset: str = "cifar10", **overrides):
+  c = base_config(scale, dataset)
   for k, v in {**VARIANTS[variant], "seed": seed, **overrides}.items():
     c[k] = v
   return c
 
 
 def run_variant(scale: str, variant: str, *, seed: int = 0, data_dir: str = "", results=RESULTS,
-                equiv_weight: float | None = None) -> dict:
+                equiv_weight: float | None = None, dataset: str = "cifar10") -> dict:
   """Pretrains + evaluates one variant (or reuses its finished run); returns its report.
 
   equiv_weight overrides the variant's lambda (a sweep); the run's folder names it.
   """
   from care_jax import train  # noqa: PLC0415
   name = variant if equiv_weight is None else f"{variant}-w{equiv_weight:g}"
-  workdir = pathlib.Path(results) / "runs" / scale / f"{name}-seed{seed}"
+  workdir = runs_dir(scale, dataset, results) / f"{name}-seed{seed}"
   report_path = workdir / "report.json"
   if report_path.exists():
     print(f"reusing {report_path}", file=sys.stderr)
@@ -77,21 +100,24 @@ def run_variant(scale: str, variant: str, *, seed: int = 0, data_dir: str = "", 
   overrides = {"data_dir": data_dir} if data_dir else {}
   if equiv_weight is not None:
     overrides["equiv_weight"] = equiv_weight
-  config = variant_config(scale, variant, seed, **overrides)
+  config = variant_config(scale, variant, seed, dataset, **overrides)
   config_lib.validate(config, _device_count())
   print(f"pretraining {variant} ({scale}) into {workdir}", file=sys.stderr)
   return train.train_and_evaluate(config, str(workdir))
 
 
-def random_init_report(scale: str, data_dir: str = "", results=RESULTS, seed: int = 0) -> dict:
+def random_init_report(scale: str, data_dir: str = "", results=RESULTS, seed: int = 0,
+                       dataset: str = "cifar10") -> dict:
   """kNN and linear probe of the untrained encoder (the scale's architecture, initialised with `seed`)."""
   import jax  # noqa: PLC0415
 
   from care_jax import evaluate, train  # noqa: PLC0415
-  path = pathlib.Path(results) / "runs" / scale / ("random_init.json" if seed == 0 else f"random_init-seed{seed}.json")
+  path = runs_dir(scale, dataset, results) / ("random_init.json" if seed == 0 else f"random_init-seed{seed}.json")
   if path.exists():
     return json.loads(path.read_text())
-  config = variant_config(scale, "care", seed, **({"data_dir": data_dir} if data_dir else {}))
+  config = variant_config(scale, compared_variants(scale, dataset)[1], seed, dataset,
+                          **({"data_dir": data_dir} if data_dir else {}))
+  config_lib.validate(config, _device_count())
   mesh = train.make_mesh()
   model = train.build_model(config)
   variables = train.random_init_variables(model, config, mesh)
@@ -113,6 +139,8 @@ def _device_count() -> int:
 def parse_args(description: str, argv=None, extra=None):
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--scale", choices=("smoke", "small", "paper"), default="small")
+  parser.add_argument("--paper_dataset", choices=tuple(PAPER_RUNS), default=None,
+                      help="--scale=paper only: which of the paper's runs (default cifar10)")
   parser.add_argument("--data_dir", default="", help="tfds data_dir for --scale=paper")
   parser.add_argument("--results", default=str(RESULTS), help="root of runs/ and the figure folders")
   parser.add_argument("--out", default="", help="figure folder (default <results>/<figure>)")
@@ -120,14 +148,40 @@ def parse_args(description: str, argv=None, extra=None):
                       help="pretraining runs per variant (seeds 0..N-1); error bars over them when N > 1")
   if extra is not None:
     extra(parser)
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.paper_dataset is not None and args.scale != "paper":
+    parser.error(f"--paper_dataset={args.paper_dataset} needs --scale=paper (got --scale={args.scale})")
+  args.paper_dataset = args.paper_dataset or "cifar10"
+  return args
+
+
+def require_simclr_pair(args, figure: str) -> None:
+  """fig2 and fig3 compare SimCLR-family runs; the MoCo pair is fig4's."""
+  if compared_variants(args.scale, args.paper_dataset) != ("simclr", "care"):
+    print(f"error: --paper_dataset={args.paper_dataset}: {figure} compares SimCLR and CARE runs; the MoCo-v2 pair "
+          "is fig4_linear_probe's (use cifar10, cifar100, stl10 or imagenet100 here)", file=sys.stderr)
+    sys.exit(2)
+
+
+def main_guard(main):
+  """Runs a figure script's main: a bad config or missing data ends with one line and status 1."""
+  @functools.wraps(main)
+  def guarded(argv=None):
+    from care_jax import checkpoints, train  # noqa: PLC0415
+    try:
+      return main(argv)
+    except (config_lib.ConfigError, checkpoints.CheckpointError, train.TrainingDivergedError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+  return guarded
 
 
 def run_seeds(args, variant: str) -> list:
   """Reports of `variant` pretrained with seeds 0..args.pretrain_seeds-1 (finished runs reused)."""
   if args.pretrain_seeds < 1:
     raise ValueError(f"--pretrain_seeds must be >= 1, got {args.pretrain_seeds}")
-  return [run_variant(args.scale, variant, seed=seed, data_dir=args.data_dir, results=args.results)
+  return [run_variant(args.scale, variant, seed=seed, data_dir=args.data_dir, results=args.results,
+                      dataset=args.paper_dataset)
           for seed in range(args.pretrain_seeds)]
 
 
@@ -160,7 +214,10 @@ def mean_std(values) -> tuple:
 
 
 def out_dir(args, figure: str) -> pathlib.Path:
+  """--out, else <results>/<figure> (paper scale: <results>/<figure>/paper-<dataset>)."""
   path = pathlib.Path(args.out) if args.out else pathlib.Path(args.results) / figure
+  if args.scale == "paper" and not args.out:
+    path = path / f"paper-{args.paper_dataset}"
   path.mkdir(parents=True, exist_ok=True)
   return path
 
@@ -172,8 +229,8 @@ def pyplot():
   return plt
 
 
-def settings(scale: str) -> dict:
-  c = base_config(scale)
+def settings(scale: str, dataset: str = "cifar10") -> dict:
+  c = base_config(scale, dataset)
   return {k: c[k] for k in ("dataset", "model", "model_width", "image_size", "batch_size", "num_train_steps",
                             "num_epochs", "optimizer", "learning_rate", "temperature", "equiv_weight",
                             "equiv_splits", "linear_probe_epochs", "linear_probe_seeds", "wahba_trials",

@@ -77,3 +77,62 @@ def test_figure_scripts_run_share_their_runs_and_write_json_and_png(tmp_path, ca
   for figure in ("fig2_ablation", "fig3_wahba", "fig4_linear_probe"):
     assert json.loads((tmp_path / figure / f"{figure}.json").read_text())["scale"] == "smoke"
     assert (tmp_path / figure / f"{figure}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paper_scale_runs_each_figure4_pair_with_its_release_config():
+  from care_jax import config_lib
+  from experiments import paper_runs
+  expected = {"cifar10": ("cifar10", "care", 0.03), "cifar100": ("cifar100", "care", 0.001),
+              "stl10": ("stl10", "care", 0.01), "imagenet100": ("imagenet100", "care", 0.005),
+              "imagenet100_moco": ("imagenet100", "moco_care", 0.005)}
+  assert set(paper_runs.PAPER_RUNS) == set(expected)
+  for name, (dataset, care_objective, weight) in expected.items():
+    base, care = paper_runs.compared_variants("paper", name)
+    assert care == care_objective
+    care_config = paper_runs.variant_config("paper", care, dataset=name)
+    base_config = paper_runs.variant_config("paper", base, dataset=name)
+    assert care_config.dataset == base_config.dataset == dataset, name
+    assert care_config.objective == care and care_config.equiv_weight == weight, name  # the release's lambda
+    assert base_config.objective == ("moco" if care == "moco_care" else "simclr") and base_config.equiv_weight == 0
+    assert care_config.linear_probe_seeds == 5
+    for config in (care_config, base_config):
+      config_lib.validate(config, num_devices=1)
+  assert paper_runs.compared_variants("small") == ("simclr", "care")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scale=paper", "--paper_dataset=cifar100"], "'cifar100' is not prepared under"),
+    (["--scale=small", "--paper_dataset=stl10"], "--paper_dataset=stl10 needs --scale=paper"),
+])
+def test_paper_scale_without_its_data_stops_in_seconds_with_one_line(tmp_path, capsys, argv, message):
+  import time
+
+  from experiments import fig3_wahba, fig4_linear_probe
+  start = time.perf_counter()
+  with pytest.raises(SystemExit) as stop:
+    fig4_linear_probe.main(argv + [f"--data_dir={tmp_path}", f"--results={tmp_path}"])
+  assert stop.value.code != 0 and time.perf_counter() - start < 30
+  err = capsys.readouterr().err.strip().splitlines()
+  assert message in err[-1] and not list(tmp_path.glob("fig4_linear_probe/**/*.json"))
+  with pytest.raises(SystemExit):  # the MoCo pair is fig4's only
+    fig3_wahba.main(["--scale=paper", "--paper_dataset=imagenet100_moco", f"--results={tmp_path}"])
+  assert "fig3_wahba compares SimCLR and CARE" in capsys.readouterr().err
+
+
+def test_paper_scale_moco_pair_reuses_finished_runs_and_stores_the_papers_numbers(tmp_path):
+  from experiments import fig4_linear_probe
+  runs_dir = tmp_path / "runs" / "paper" / "imagenet100_moco"
+  known = {"moco": [73.0, 72.0], "moco_care": [74.5, 74.0]}
+  for variant, probes in known.items():
+    for seed, probe in enumerate(probes):
+      (runs_dir / f"{variant}-seed{seed}").mkdir(parents=True)
+      (runs_dir / f"{variant}-seed{seed}" / "report.json").write_text(json.dumps(_finished_report(probe, [1.0])))
+  result = fig4_linear_probe.main(["--scale=paper", "--paper_dataset=imagenet100_moco", "--pretrain_seeds=2",
+                                   f"--results={tmp_path}"])
+  assert result["moco"]["per_pretrain_seed"] == known["moco"]
+  assert result["moco_care_minus_moco"]["per_pretrain_seed"] == pytest.approx([1.5, 2.0])
+  assert result["paper_linear_probe_top1"] == {"moco": 73.16, "moco_care": 74.22}
+  assert result["settings"]["dataset"] == "imagenet100"
+  out = tmp_path / "fig4_linear_probe" / "paper-imagenet100_moco"
+  assert json.loads((out / "fig4_linear_probe.json").read_text())["scale"] == "paper"
+  assert (out / "fig4_linear_probe.png").read_bytes()[:4] == b"\x89PNG"
