@@ -192,7 +192,7 @@ _JITTER_KEYS = tuple(name for _, name in _JITTER_FNS)
 
 
 @functools.lru_cache(maxsize=None)
-def _photometric_fns(input_scale: float, size: int, kernel_size: int, mean: tuple, std: tuple):
+def _photometric_fn(input_scale: float, size: int, kernel_size: int, mean: tuple, std: tuple):
   """XLA-compiled colour jitter (one position per call) and grayscale + blur + normalisation.
 
   TF runs these ops one kernel at a time, each a full pass over the batch with
@@ -242,7 +242,7 @@ def apply(images, params, cfg: AugmentConfig):
   if images.dtype != tf.uint8:
     images = tf.cast(images, tf.float32)
   x = _crop_resize(images, params["crop"], cfg.image_size, flip=params["flip"])
-  photometric = _photometric_fns(1.0 / 255.0 if images.dtype == tf.uint8 else 1.0, cfg.image_size,
+  photometric = _photometric_fn(1.0 / 255.0 if images.dtype == tf.uint8 else 1.0, cfg.image_size,
                                  cfg.blur_kernel_size, tuple(cfg.mean), tuple(cfg.std))
   return photometric(x, params)
 
