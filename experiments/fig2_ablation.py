@@ -31,7 +31,8 @@ def main(argv=None):
       for s in seeds])
   # The default weight (1.0) keeps the run folder of the variant itself.
   sweep = {w: runs("equi_unif", None if w == 1.0 else w) for w in args.equi_unif_weights}
-  result = {"scale": args.scale, "settings": paper_runs.settings(args.scale, args.paper_dataset), "pretrain_seeds": args.pretrain_seeds,
+  result = {"scale": args.scale, "settings": paper_runs.settings(args.scale, args.paper_dataset),
+            "pretrain_seeds": args.pretrain_seeds,
             "simclr": runs("simclr"), "care": runs("care"),
             "equi_unif": sweep[args.equi_unif_weights[0]], "equi_unif_weight": args.equi_unif_weights[0],
             "equi_unif_sweep": {f"{w:g}": r for w, r in sweep.items()},

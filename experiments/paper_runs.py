@@ -7,9 +7,10 @@ A variant is (objective, equiv_weight) on top of a scale's base config:
          (--paper_dataset: cifar10, cifar100, stl10, imagenet100, or
          imagenet100_moco for MoCo-v2 vs MoCo-v2 + CARE), from configs/; needs
          tfds data (--data_dir) and an accelerator
-Runs land in <results>/runs/<scale>/<variant>/ (paper: runs/paper/<dataset>/; --results, default
-experiments/results); a run whose report.json exists is reused, so fig3 and fig4 share their CARE and SimCLR runs, and an
-interrupted script resumes from the runs' checkpoints.
+Runs land in <results>/runs/<scale>/<variant>/ (paper: runs/paper/<dataset>/;
+--results, default experiments/results); a run whose report.json exists is
+reused, so fig3 and fig4 share their CARE and SimCLR runs, and an interrupted
+script resumes from the runs' checkpoints.
 """
 
 from __future__ import annotations
