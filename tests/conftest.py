@@ -19,7 +19,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Many tests (and the subprocesses they start, which inherit the environment)
 # compile the same smoke-sized programs: share them through JAX's persistent
 # compilation cache.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                   ".pytest_cache", "jax-compilation-cache"))
+_CACHE_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE_ROOT, "jax-compilation-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# TensorFlow's XLA-compiled augmentation functions (care_jax/augment.py) likewise:
+# ~1 s of compiling per process and view shape, shared through TF's own cache.
+if "tf_xla_persistent_cache_directory" not in os.environ.get("TF_XLA_FLAGS", ""):
+  os.environ["TF_XLA_FLAGS"] = (os.environ.get("TF_XLA_FLAGS", "") + " --tf_xla_persistent_cache_directory="
+                                + os.path.join(_CACHE_ROOT, "tf-xla-cache")).strip()
+
