@@ -104,14 +104,14 @@ def random_resized_crop(image, seed, size: int, cfg: AugmentConfig):
   before images of different sizes can be batched."""
   shape = tf.shape(image)
   box = _sample_crop_boxes(seed, 1, shape[0], shape[1], cfg, True)[0]
-  return _crop_resize(tf.cast(image, tf.float32)[None] / 255.0, box[None], size)[0]
+  return crop_resize(tf.cast(image, tf.float32)[None] / 255.0, box[None], size)[0]
 
 
 def resize_whole(image, size: int):
   """uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 1]: the full-image box, bilinear."""
   shape = tf.shape(image)
   box = tf.stack([0.0, 0.0, tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)])
-  return _crop_resize(tf.cast(image, tf.float32)[None] / 255.0, box[None], size)[0]
+  return crop_resize(tf.cast(image, tf.float32)[None] / 255.0, box[None], size)[0]
 
 
 def repeat_params(params, n: int):
@@ -220,7 +220,7 @@ def _photometric_fn(input_scale: float, size: int, kernel_size: int, mean: tuple
   return photometric
 
 
-def _crop_resize(x, crop, size: int, flip=None):
+def crop_resize(x, crop, size: int, flip=None):
   """[B, H, W, C] -> float32 [B, size, size, C]: pixel boxes (i, j, h, w) resampled bilinearly.
 
   `flip` [B] bool mirrors those images left-right for free: crop_and_resize
@@ -241,7 +241,7 @@ def apply(images, params, cfg: AugmentConfig):
   """images uint8 [B, H, W, 3] (or float in [0, 1]) -> normalised float32 [B, S, S, 3] under `params`."""
   if images.dtype != tf.uint8:
     images = tf.cast(images, tf.float32)
-  x = _crop_resize(images, params["crop"], cfg.image_size, flip=params["flip"])
+  x = crop_resize(images, params["crop"], cfg.image_size, flip=params["flip"])
   photometric = _photometric_fn(1.0 / 255.0 if images.dtype == tf.uint8 else 1.0, cfg.image_size,
                                  cfg.blur_kernel_size, tuple(cfg.mean), tuple(cfg.std))
   return photometric(x, params)

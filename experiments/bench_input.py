@@ -40,12 +40,7 @@ def _crop_flip_pipeline(images, cfg, *, batch, num_steps):
     for view, count in enumerate((batch, batch, batch // 16, batch // 16)):
       p = augment.sample_params(augment.view_seed(0, step, view), count, size, size, cfg)
       p = augment.repeat_params(p, batch // count)
-      i, j, h, w = tf.unstack(p["crop"] / (size - 1.0), axis=1)
-      left, right = j, j + w - 1.0 / (size - 1.0)
-      left, right = tf.where(p["flip"], right, left), tf.where(p["flip"], left, right)  # a mirrored box flips
-      boxes = tf.stack([i, left, i + h - 1.0 / (size - 1.0), right], axis=1)
-      crop = tf.image.crop_and_resize(x, boxes, tf.range(batch), [cfg.image_size] * 2)
-      out[f"v{view}"] = crop * scale + shift
+      out[f"v{view}"] = augment.crop_resize(x, p["crop"], cfg.image_size, flip=p["flip"]) * scale + shift
     return out
 
   return tf.data.Dataset.range(num_steps).map(views, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
