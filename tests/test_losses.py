@@ -149,6 +149,65 @@ def test_blockwise_info_nce_equals_materialised(monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def _float64_info_nce_and_grads(z1, z2, t):
+  with jax.enable_x64(True):
+    z1d, z2d = jnp.float64(z1), jnp.float64(z2)
+    value, grads = jax.value_and_grad(_naive_info_nce, argnums=(0, 1))(z1d, z2d, t)
+    return np.asarray(value), [np.asarray(g) for g in grads]
+
+
+def _assert_info_nce_matches_float64(z1, z2, t, rtol=1e-5):
+  want, want_grads = _float64_info_nce_and_grads(z1, z2, t)
+  got, got_grads = jax.value_and_grad(losses.info_nce, argnums=(0, 1))(
+      jnp.float32(z1), jnp.float32(z2), t)
+  np.testing.assert_allclose(got, want, rtol=rtol)
+  scale = max(np.abs(g).max() for g in want_grads)
+  for a, b in zip(got_grads, want_grads):
+    assert np.all(np.isfinite(a))
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale)
+
+
+def _info_nce_regimes():
+  # The uniformity kernel takes its shared-shift path while max|z|^2 / t <= 40
+  # and falls back to the row-max logsumexp beyond it (at run time), or always
+  # uses the row-max path when 1 / t > 40 (decided at trace time).
+  rng = np.random.default_rng(11)
+  unit = _sphere(rng, 32, 6), _sphere(rng, 32, 6)
+  at_bound = [z.copy() for z in unit]
+  at_bound[0][0] *= 2.0  # |z|^2 / t = 40 exactly at t = 0.1: the worst case kept
+  at_bound[1][0] = -at_bound[0][0]  # antipodal: S = -40, the most negative entry
+  # One far row: shared-shift would underflow every other row's sum to 0.
+  far = [z.copy() for z in unit]
+  far[0][3] *= 10.0
+  scaled = [3.0 * z for z in unit]  # |z|^2 / t = 90 for every row
+  return {
+      "unit rows, shared shift": (unit, 0.1),
+      "at the bound": (at_bound, 0.1),
+      "one far row, fallback": (far, 0.1),
+      "all rows beyond the bound, fallback": (scaled, 0.1),
+      "t < 0.025, static row max": (unit, 0.01),
+  }
+
+
+@pytest.mark.parametrize("regime", list(_info_nce_regimes()))
+def test_info_nce_value_and_gradient_in_every_regime(regime):
+  (z1, z2), t = _info_nce_regimes()[regime]
+  _assert_info_nce_matches_float64(z1, z2, t)
+
+
+@pytest.mark.parametrize("regime", ["unit rows, shared shift", "one far row, fallback",
+                                    "t < 0.025, static row max"])
+def test_blockwise_info_nce_in_every_regime(regime, monkeypatch):
+  (z1, z2), t = _info_nce_regimes()[regime]
+  rng = np.random.default_rng(12)
+  # 2B = 512 rows so the blocked path splits them into four row blocks.
+  z1 = np.concatenate([z1, _sphere(rng, 224, 6)])
+  z2 = np.concatenate([z2, _sphere(rng, 224, 6)])
+  monkeypatch.setattr(losses, "_MAX_MATERIALISED_ROWS", 128)
+  monkeypatch.setattr(losses, "_BLOCK_ROWS", 128)
+  assert losses._row_blocks(512) == 128
+  _assert_info_nce_matches_float64(z1, z2, t)
+
 def test_wang_isola_uniformity_matches_brute_force():
   rng = np.random.default_rng(3)
   z = _sphere(rng, 7, 4)
