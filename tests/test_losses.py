@@ -336,6 +336,30 @@ def test_equivariance_gradients():
       check_grads(lambda m: losses.equivariance_loss(z1, z2, 2, m), (j,), order=1, modes=["rev"])
 
 
+
+def test_equivariance_dot_gradients_agree_across_paths():
+  # The dot product's two hand-written VJPs (direct n x n, covariance 2D x 2D)
+  # against plain autodiff of the general-form covariance path with J = I.
+  rng = np.random.default_rng(10)
+  k, n, d = 2, 48, 16
+  # Off the sphere, so the diagonal's share (|a_i|^2 - |b_i|^2)^2 is not 0.
+  z1, z2 = jnp.float32(rng.normal(size=(k * n, d))), jnp.float32(rng.normal(size=(k * n, d)))
+  a3, b3 = z1.reshape(k, n, d), z2.reshape(k, n, d)
+  eye = jnp.eye(d)
+  paths = {
+      "direct": lambda a, b: losses._offdiag_sq_gram_diff_direct(a, b, None),
+      "covariance": lambda a, b: losses._offdiag_sq_gram_diff_covariance(a, b, None),
+      "autodiff, J = I": lambda a, b: losses._offdiag_sq_gram_diff_covariance(a, b, eye),
+  }
+  weights = jnp.float32([0.7, 1.3])  # a different cotangent per chunk
+  results = {name: jax.value_and_grad(lambda a, b, f=f: jnp.sum(weights * f(a, b)), argnums=(0, 1))(a3, b3)
+             for name, f in paths.items()}
+  want_value, want_grads = results.pop("autodiff, J = I")
+  for name, (value, grads) in results.items():
+    np.testing.assert_allclose(value, want_value, rtol=1e-4, err_msg=name)
+    for got, want in zip(grads, want_grads):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()), err_msg=name)
+
 # ---------------- CARE, transforms, dtypes, errors ----------------
 
 def test_care_loss_combines_terms():
