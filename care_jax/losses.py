@@ -5,8 +5,8 @@ computes in float32 (float64 stays float64), so bfloat16 activations lose
 nothing in the reduction. The InfoNCE kernel and the dot-product equivariance
 kernels (both the n x n and the D x D path) have hand-written VJPs: reverse
 mode (jax.grad) works, forward mode (jax.jvp, jacfwd) does not. Nothing here
-normalises: the encoder's head puts the rows on the unit sphere, and the kernels are also used off it (hyperboloid,
-symplectic forms).
+normalises: the encoder's head puts the rows on the unit sphere, and the
+kernels are also used off it (hyperboloid, symplectic forms).
 
   info_nce = alignment + uniformity            (SimCLR NT-Xent over 2B anchors)
   equivariance_loss                             (CARE's L_equi, one shared

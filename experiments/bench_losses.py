@@ -77,11 +77,6 @@ def _interleaved_rounds(fns: dict, rounds: int, budget_s: float = 20.0,
   return times
 
 
-def _interleaved_medians(fns: dict, rounds: int, **kwargs) -> dict:
-  """Median ms per call of each callable (see _interleaved_rounds)."""
-  return {name: statistics.median(v) for name, v in _interleaved_rounds(fns, rounds, **kwargs).items()}
-
-
 def _paired_ratio(times: dict, num: str, den: str) -> float:
   """Median over rounds of num's time / den's time in the same round.
 
