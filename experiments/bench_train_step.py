@@ -2,6 +2,7 @@
 
     python -m experiments.bench_train_step            # accelerator grid: ResNet-18/50, B 256/512/1024, fp32/bf16
     python -m experiments.bench_train_step --quick    # CPU-sized: ResNet-18 width 0.125, B 256, fp32
+    python -m experiments.bench_train_step --rows resnet50:512:bfloat16:device   # just these rows
 
 One row per (model, B, dtype, augmentation, view batching): median step ms, images/s, XLA's
 FLOPs per image from the compiled step's cost analysis, MFU against the
@@ -138,6 +139,9 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=None, help="steps per timing window")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--rows", nargs="*", default=None, metavar="MODEL:B:DTYPE:AUGMENT[:VIEWS]",
+                      help="time just these rows, in this order (e.g. resnet18:512:bfloat16:device), "
+                           "instead of the grid: what a short GPU lease affords")
   args = parser.parse_args(argv)
   quick = args.quick or on_cpu
   models = args.models or (["resnet18"] if quick else ["resnet18", "resnet50"])
@@ -146,6 +150,11 @@ def main(argv=None):
   width = args.width or (0.125 if quick else 1.0)
   steps = args.steps or (3 if quick else 20)
   view_modes = args.view_batching or (["sequential"] if quick else ["sequential", "vmap"])
+  if args.rows:
+    rows = [_parse_row(r) for r in args.rows]
+  else:
+    rows = [(m, b, d, a, v) for m in models for b in batch_sizes
+            for d in dtypes for a in args.augment for v in view_modes]
   torch = None if args.no_torch else torch_reference.torch_module()
 
   dev = jax.devices()[0]
@@ -157,20 +166,37 @@ def main(argv=None):
             f"{'MFU':>6} {'torch ms':>9} {'torch img/s':>11} {'speed-up':>8}")
   print(header)
   print("-" * len(header))
-  for model in models:
-    for batch in batch_sizes:
-      torch_ms = None
-      if torch is not None:
-        torch_ms, _ = torch_row(torch, _config(model, width, batch, "float32", "views"), steps, args.repeats)
-      for dtype, augment, views in ((d, a, v) for d in dtypes for a in args.augment for v in view_modes):
-        config = _config(model, width, batch, dtype, augment, views)
-        r = jax_row(config, steps, args.repeats)
-        ips = batch / r["ms"] * 1e3
-        mfu = f"{100 * r['flops_per_step'] / (r['ms'] / 1e3) / peak:5.1f}%" if peak else "     -"
-        base = (f"{torch_ms:9.1f} {batch / torch_ms * 1e3:11.0f} {torch_ms / r['ms']:7.2f}x" if torch_ms
-                else f"{'-':>9} {'-':>11} {'-':>8}")
-        print(f"{model:<9} {batch:>5} {dtype:<8} {augment:<7} {views:<10} {r['ms']:9.1f} {ips:9.0f} "
-              f"{r['flops_per_image'] / 1e9:9.3f} {mfu:>6} {base}", flush=True)
+  torch_ms = {}  # (model, B) -> the reference's step ms, timed once per pair
+  for model, batch, dtype, augment, views in rows:
+    if torch is not None and (model, batch) not in torch_ms:
+      torch_ms[model, batch], _ = torch_row(torch, _config(model, width, batch, "float32", "views"),
+                                            steps, args.repeats)
+    base_ms = torch_ms.get((model, batch))
+    config = _config(model, width, batch, dtype, augment, views)
+    r = jax_row(config, steps, args.repeats)
+    ips = batch / r["ms"] * 1e3
+    mfu = f"{100 * r['flops_per_step'] / (r['ms'] / 1e3) / peak:5.1f}%" if peak else "     -"
+    base = (f"{base_ms:9.1f} {batch / base_ms * 1e3:11.0f} {base_ms / r['ms']:7.2f}x" if base_ms
+            else f"{'-':>9} {'-':>11} {'-':>8}")
+    print(f"{model:<9} {batch:>5} {dtype:<8} {augment:<7} {views:<10} {r['ms']:9.1f} {ips:9.0f} "
+          f"{r['flops_per_image'] / 1e9:9.3f} {mfu:>6} {base}", flush=True)
+
+
+def _parse_row(text: str):
+  """'resnet18:512:bfloat16:device[:vmap]' -> (model, B, dtype, augment, views)."""
+  parts = text.split(":")
+  if len(parts) not in (4, 5):
+    raise SystemExit(f"--rows: {text!r} is not MODEL:B:DTYPE:AUGMENT[:VIEWS], "
+                     "e.g. resnet18:512:bfloat16:device")
+  model, batch, dtype, augment = parts[:4]
+  views = parts[4] if len(parts) == 5 else "sequential"
+  if not batch.isdigit():
+    raise SystemExit(f"--rows: batch size {batch!r} in {text!r} is not a positive integer")
+  if augment not in ("views", "device"):
+    raise SystemExit(f"--rows: augment {augment!r} in {text!r} must be 'views' or 'device'")
+  if views not in ("sequential", "vmap"):
+    raise SystemExit(f"--rows: views {views!r} in {text!r} must be 'sequential' or 'vmap'")
+  return model, int(batch), dtype, augment, views
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU figures of issue 7 in one device call, most important first.
+#
+#   make gpu-wheels                       # here, once: the ml_collections wheel into .whl/
+#   run(command="bash experiments/gpu_figures.sh", carry=[".whl"], timeout_s=600)
+#   bash experiments/gpu_figures.sh resnet50   # a second call: just the stages left
+#
+# A lease is ~15 minutes of device time, start-up included, and one call at most
+# 10, while the full grids of bench_losses and bench_train_step would take far
+# longer (48 compiled train steps). So this runs the rows the README's GPU
+# tables need, each stage under its own timeout so one slow compile cannot eat
+# the rest, and writes every table to $OUT as it goes (what finished comes
+# back even when the call is cut off). Compiled programs go to a persistent
+# cache, so a rerun on a still-warm machine skips compiling.
+#
+# Stages (default: all, in this order): env, losses, resnet18, resnet50.
+# GPU_FIGURES_SMOKE=1 runs the same plumbing at toy sizes on a CPU;
+# GPU_FIGURES_LOSSES_LIMIT / GPU_FIGURES_STEP_LIMIT override the stage limits.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_figures}
+mkdir -p "$OUT"
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(env losses resnet18 resnet50)
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || { echo "gpu_figures: installing .whl/*.whl failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:.
+else
+  export PYTHONPATH=.
+fi
+# The device machine's python3 holds JAX (CUDA) and PyTorch; here, the project's .venv.
+PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/care_jax_xla_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+
+if [ -n "${GPU_FIGURES_SMOKE:-}" ]; then
+  loss_args=(--batch-sizes 256 --chunk-sizes 16 --rounds 3)
+  step_args=(--width 0.125 --steps 1 --repeats 1)
+  r18=(resnet18:32:float32:device resnet18:32:bfloat16:views)
+  r50=(resnet50:32:bfloat16:device)
+  t_losses=120 t_step=300
+else
+  loss_args=(--rounds 20)
+  step_args=(--steps 10 --repeats 3)
+  # B = 512 in all four (dtype, augment) cells, then the batch-size sweep in bf16.
+  r18=(resnet18:512:bfloat16:device resnet18:512:float32:device resnet18:512:bfloat16:views
+       resnet18:512:float32:views resnet18:256:bfloat16:device resnet18:1024:bfloat16:device
+       resnet18:512:bfloat16:device:vmap)
+  r50=(resnet50:512:bfloat16:device resnet50:512:float32:device resnet50:256:bfloat16:device
+       resnet50:1024:bfloat16:device)
+  t_losses=150 t_step=210
+fi
+# Per-stage limits in seconds, to fit what is left of a lease.
+t_losses=${GPU_FIGURES_LOSSES_LIMIT:-$t_losses}
+t_step=${GPU_FIGURES_STEP_LIMIT:-$t_step}
+
+run_stage() {  # name, timeout, command...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "=== $name (limit ${limit}s)"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>"$OUT/$name.err" | tee "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/$name.txt"
+  [ "$rc" = 0 ] || tail -5 "$OUT/$name.err"
+}
+
+for stage in "${stages[@]}"; do
+  case $stage in
+    env)
+      { date -u; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit \
+          --format=csv 2>/dev/null || echo "no nvidia-smi";
+        $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
+                'optax', optax.__version__, jax.devices())"; } 2>&1 | tee "$OUT/env.txt" ;;
+    losses) run_stage losses "$t_losses" $PY -m experiments.bench_losses "${loss_args[@]}" ;;
+    resnet18) run_stage resnet18 "$t_step" $PY -m experiments.bench_train_step "${step_args[@]}" --rows "${r18[@]}" ;;
+    resnet50) run_stage resnet50 "$t_step" $PY -m experiments.bench_train_step "${step_args[@]}" --rows "${r50[@]}" ;;
+    *) echo "gpu_figures: unknown stage '$stage'; use env, losses, resnet18, resnet50"; exit 2 ;;
+  esac
+done
+
+echo; echo "##### tables (also under $OUT)"
+for stage in "${stages[@]}"; do [ -f "$OUT/$stage.txt" ] && cat "$OUT/$stage.txt"; done
