@@ -208,6 +208,7 @@ def test_blockwise_info_nce_in_every_regime(regime, monkeypatch):
   assert losses._row_blocks(512) == 128
   _assert_info_nce_matches_float64(z1, z2, t)
 
+
 def test_wang_isola_uniformity_matches_brute_force():
   rng = np.random.default_rng(3)
   z = _sphere(rng, 7, 4)
@@ -336,7 +337,6 @@ def test_equivariance_gradients():
       check_grads(lambda m: losses.equivariance_loss(z1, z2, 2, m), (j,), order=1, modes=["rev"])
 
 
-
 def test_equivariance_dot_gradients_agree_across_paths():
   # The dot product's two hand-written VJPs (direct n x n, covariance 2D x 2D)
   # against plain autodiff of the general-form covariance path with J = I.
@@ -359,6 +359,7 @@ def test_equivariance_dot_gradients_agree_across_paths():
     np.testing.assert_allclose(value, want_value, rtol=1e-4, err_msg=name)
     for got, want in zip(grads, want_grads):
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()), err_msg=name)
+
 
 # ---------------- CARE, transforms, dtypes, errors ----------------
 
