@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data test demo bench gpu-wheels clean
+.PHONY: setup data test demo bench gpu-wheels gpu-data gpu-carry clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,15 @@ bench: $(STAMP)
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0
+
+# The embedded default data for the GPU machine's end-to-end run (30 MB of the
+# 64 MiB a device call carries): carried as .gpu_data/, read as --config.data_dir.
+gpu-data: data
+	mkdir -p .gpu_data
+	cp $(dir $(FMNIST))*-idx?-ubyte.gz .gpu_data/
+
+# Everything experiments/gpu_figures.sh needs there: carry=[".whl", ".gpu_data"].
+gpu-carry: gpu-wheels gpu-data
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
