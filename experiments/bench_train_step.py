@@ -17,6 +17,10 @@ over the views (config view_batching; same loss, gradients and BN statistics).
 The reference is experiments/torch_reference.py: the release's step (four
 forward passes, its loss formulation, Adam, fp32 eager); it is timed once per
 (model, B) with given views, as the release feeds it from a DataLoader.
+Memory: both frameworks share one GPU in this process, so all the references
+are timed first, each freeing what it held, and JAX allocates on demand
+(XLA_PYTHON_CLIENT_PREALLOCATE=false) instead of taking 75% of the device at
+start. A row that runs out of device memory prints "(mem)" and the run goes on.
 The CIFAR-10 CARE config (configs/cifar10_care.py) supplies everything else.
 Timings: steps run back to back, the clock read after blocking on the last
 one, median of --repeats windows; only the ratios of one run are comparable.
@@ -24,18 +28,23 @@ one, median of --repeats windows; only the ratios of one run are comparable.
 
 from __future__ import annotations
 
-import argparse
-import pathlib
-import statistics
-import time
+import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # see the docstring: one GPU, two frameworks
 
-from care_jax import config_lib, train
-from care_jax.augment_config import augment_config
-from experiments import torch_reference
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import pathlib  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from care_jax import config_lib, train  # noqa: E402
+from care_jax.augment_config import augment_config  # noqa: E402
+from experiments import torch_reference  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peaks (FLOP/s) by device_kind substring; MFU is "-" elsewhere.
@@ -125,6 +134,31 @@ def torch_row(torch, config, steps: int, repeats: int):
   return _timed_windows(run, steps, repeats), device.type
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+  """XLA's RESOURCE_EXHAUSTED or PyTorch's CUDA out-of-memory error."""
+  text = str(err)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def reference_rows(torch, pairs, width: float, steps: int, repeats: int) -> dict:
+  """(model, B) -> the reference step's ms (None where it ran out of memory), printed as measured."""
+  out = {}
+  for model, batch in pairs:
+    try:
+      out[model, batch], device = torch_row(torch, _config(model, width, batch, "float32", "views"), steps, repeats)
+      note = f"{out[model, batch]:.1f} ms/step, {batch / out[model, batch] * 1e3:.0f} img/s ({device})"
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+      if not is_out_of_memory(err):
+        raise
+      out[model, batch], note = None, "out of device memory"
+    # Hand the memory back before the next reference or the JAX rows run.
+    gc.collect()
+    if torch.cuda.is_available():
+      torch.cuda.empty_cache()
+    print(f"# reference {model} B={batch}: {note}", flush=True)
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   on_cpu = jax.devices()[0].platform == "cpu"
@@ -164,22 +198,29 @@ def main(argv=None):
         f"baseline: {'torch ' + torch.__version__ if torch else 'none'}")
   header = (f"{'model':<9} {'B':>5} {'dtype':<8} {'augment':<7} {'views':<10} {'step ms':>9} {'img/s':>9} {'GFLOP/img':>9} "
             f"{'MFU':>6} {'torch ms':>9} {'torch img/s':>11} {'speed-up':>8}")
+  # (model, B) -> the reference's step ms, timed once per pair, all before the JAX rows.
+  torch_ms = {} if torch is None else reference_rows(torch, dict.fromkeys((r[0], r[1]) for r in rows),
+                                                       width, steps, args.repeats)
   print(header)
   print("-" * len(header))
-  torch_ms = {}  # (model, B) -> the reference's step ms, timed once per pair
   for model, batch, dtype, augment, views in rows:
-    if torch is not None and (model, batch) not in torch_ms:
-      torch_ms[model, batch], _ = torch_row(torch, _config(model, width, batch, "float32", "views"),
-                                            steps, args.repeats)
+    lead = f"{model:<9} {batch:>5} {dtype:<8} {augment:<7} {views:<10}"
     base_ms = torch_ms.get((model, batch))
-    config = _config(model, width, batch, dtype, augment, views)
-    r = jax_row(config, steps, args.repeats)
+    base = (f"{base_ms:9.1f} {batch / base_ms * 1e3:11.0f}" if base_ms is not None
+            else f"{'(mem)' if (model, batch) in torch_ms else '-':>9} {'-':>11}")
+    try:
+      r = jax_row(_config(model, width, batch, dtype, augment, views), steps, args.repeats)
+    except Exception as err:  # noqa: BLE001 (device OOM is reported and the run goes on; all else raises)
+      if not is_out_of_memory(err):
+        raise
+      print(f"{lead} {'(mem)':>9} {'-':>9} {'-':>9} {'-':>6} {base} {'-':>8}", flush=True)
+      del err
+      gc.collect()
+      continue
     ips = batch / r["ms"] * 1e3
     mfu = f"{100 * r['flops_per_step'] / (r['ms'] / 1e3) / peak:5.1f}%" if peak else "     -"
-    base = (f"{base_ms:9.1f} {batch / base_ms * 1e3:11.0f} {base_ms / r['ms']:7.2f}x" if base_ms
-            else f"{'-':>9} {'-':>11} {'-':>8}")
-    print(f"{model:<9} {batch:>5} {dtype:<8} {augment:<7} {views:<10} {r['ms']:9.1f} {ips:9.0f} "
-          f"{r['flops_per_image'] / 1e9:9.3f} {mfu:>6} {base}", flush=True)
+    speed = f"{base_ms / r['ms']:7.2f}x" if base_ms is not None else f"{'-':>8}"
+    print(f"{lead} {r['ms']:9.1f} {ips:9.0f} {r['flops_per_image'] / 1e9:9.3f} {mfu:>6} {base} {speed}", flush=True)
 
 
 def _parse_row(text: str):

@@ -24,8 +24,15 @@
 # GPU_FIGURES_LOSSES_LIMIT / _STEP_LIMIT / _E2E_LIMIT override the stage limits.
 set -u
 cd "$(dirname "$0")/.."
+# A device call returns at most 8 files from $OUT, so everything goes into five:
+# tables.txt (each stage's table, as printed), errors.txt (each stage's stderr),
+# and the e2e run's log, report and metrics.
 OUT=${OUT:-runs/gpu_figures}
 mkdir -p "$OUT"
+TABLES=$OUT/tables.txt ERRORS=$OUT/errors.txt
+: >"$TABLES"; : >"$ERRORS"
+# Rows reach tables.txt as they print, even from a stage its limit kills.
+export PYTHONUNBUFFERED=1
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(env losses resnet18 e2e resnet50)
 t_start=$(date +%s)
@@ -75,15 +82,16 @@ run_stage() {  # name, timeout, command...
   local left=$(( deadline - (t0 - t_start) ))
   if [ "$left" -lt 20 ]; then
     echo "=== $name: skipped, ${left}s of the ${deadline}s deadline left;" \
-         "run it as: bash experiments/gpu_figures.sh $name" | tee "$OUT/$name.txt"
+         "run it as: bash experiments/gpu_figures.sh $name" | tee -a "$TABLES"
     return
   fi
   [ "$limit" -le "$left" ] || limit=$left
   echo "=== $name (limit ${limit}s)"
-  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>"$OUT/$name.err" | tee "$OUT/$name.txt"
+  echo "=== $name" >>"$ERRORS"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>>"$ERRORS" | tee -a "$TABLES"
   local rc=${PIPESTATUS[0]}
-  echo "=== $name: rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/$name.txt"
-  [ "$rc" = 0 ] || tail -5 "$OUT/$name.err"
+  echo "=== $name: rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$TABLES"
+  [ "$rc" = 0 ] || tail -5 "$ERRORS"
 }
 
 e2e_run() {  # the quickstart pretraining + report, then its one-line summary
@@ -101,8 +109,8 @@ e2e_run() {  # the quickstart pretraining + report, then its one-line summary
     --config.augment_backend=device --config.data_dir="$data" --config.random_init_baseline=False \
     >"$OUT/e2e_run.log" 2>&1
   local rc=$?
-  # The run's small files come back; its checkpoints and feature cache stay there.
-  cp "$work"/{report.json,metrics.jsonl,config.json,loss_curves.png,wahba_errors.png} "$OUT/" 2>/dev/null
+  # The run's report and metrics come back; its checkpoints and feature cache stay there.
+  for f in report.json metrics.jsonl; do [ -f "$work/$f" ] && cp "$work/$f" "$OUT/e2e_$f"; done
   [ "$rc" = 0 ] || tail -3 "$OUT/e2e_run.log" >&2
   [ -f "$work/metrics.jsonl" ] && $PY -m experiments.run_summary "$work"
   return "$rc"
@@ -116,7 +124,7 @@ for stage in "${stages[@]}"; do
       { date -u; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit \
           --format=csv 2>/dev/null || echo "no nvidia-smi";
         $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
-                'optax', optax.__version__, jax.devices())"; } 2>&1 | tee "$OUT/env.txt" ;;
+                'optax', optax.__version__, jax.devices())"; } 2>&1 | tee -a "$TABLES" ;;
     losses) run_stage losses "$t_losses" $PY -m experiments.bench_losses "${loss_args[@]}" ;;
     resnet18) run_stage resnet18 "$t_step" $PY -m experiments.bench_train_step "${step_args[@]}" --rows "${r18[@]}" ;;
     e2e) run_stage e2e "$t_e2e" bash -c e2e_run ;;
@@ -125,5 +133,5 @@ for stage in "${stages[@]}"; do
   esac
 done
 
-echo; echo "##### tables (also under $OUT)"
-for stage in "${stages[@]}"; do [ -f "$OUT/$stage.txt" ] && cat "$OUT/$stage.txt"; done
+echo; echo "##### tables ($TABLES)"
+cat "$TABLES"

@@ -1,0 +1,75 @@
+"""bench_train_step's bookkeeping on a GPU shared by two frameworks: references first, OOM rows kept.
+
+The timings themselves are the benchmark's business; here jax_row and torch_row are
+replaced by stand-ins so the test checks what the table says when a row runs out of
+device memory (the CIFAR ResNet-50 reference at B = 1024 does on an H200) and that
+any other failure still stops the run.
+"""
+
+import types
+
+import pytest
+
+from experiments import bench_train_step as bench
+
+XLA_OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.25GiB."
+TORCH_OOM = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 139.81 GiB total capacity)"
+
+
+def _fake_torch(calls):
+  cuda = types.SimpleNamespace(is_available=lambda: True, empty_cache=lambda: calls.append("empty_cache"))
+  return types.SimpleNamespace(__version__="0.0-fake", cuda=cuda)
+
+
+def _patch(monkeypatch, calls, jax_ms, torch_ms):
+  monkeypatch.setattr(bench.torch_reference, "torch_module", lambda: _fake_torch(calls))
+
+  def torch_row(torch, config, steps, repeats):
+    calls.append(("torch", config.model, config.batch_size))
+    ms = torch_ms[config.model, config.batch_size]
+    if isinstance(ms, Exception):
+      raise ms
+    return ms, "cuda"
+
+  def jax_row(config, steps, repeats):
+    calls.append(("jax", config.model, config.batch_size, config.dtype))
+    ms = jax_ms[config.model, config.batch_size, config.dtype]
+    if isinstance(ms, Exception):
+      raise ms
+    return {"ms": ms, "flops_per_image": 2e9, "flops_per_step": 2e9 * config.batch_size}
+
+  monkeypatch.setattr(bench, "torch_row", torch_row)
+  monkeypatch.setattr(bench, "jax_row", jax_row)
+
+
+def test_references_run_first_and_out_of_memory_rows_print_mem(monkeypatch, capsys):
+  calls = []
+  _patch(monkeypatch, calls,
+         jax_ms={("resnet18", 32, "bfloat16"): 4.0, ("resnet18", 64, "bfloat16"): RuntimeError(XLA_OOM),
+                 ("resnet18", 64, "float32"): 10.0},
+         torch_ms={("resnet18", 32): 12.0, ("resnet18", 64): RuntimeError(TORCH_OOM)})
+  bench.main(["--steps", "1", "--repeats", "1", "--width", "0.125", "--rows", "resnet18:32:bfloat16:device",
+              "resnet18:64:bfloat16:device", "resnet18:64:float32:views"])
+  # Both references, each followed by handing the cache back, before any JAX row.
+  assert calls[:4] == [("torch", "resnet18", 32), "empty_cache", ("torch", "resnet18", 64), "empty_cache"]
+  assert [c[0] for c in calls[4:]] == ["jax"] * 3
+  lines = capsys.readouterr().out.splitlines()
+  assert "# reference resnet18 B=32: 12.0 ms/step, 2667 img/s (cuda)" in lines
+  assert "# reference resnet18 B=64: out of device memory" in lines
+  rows = {tuple(line.split()[:3]): line.split() for line in lines if line.startswith("resnet18")}
+  assert rows["resnet18", "32", "bfloat16"][5:7] == ["4.0", "8000"]
+  assert rows["resnet18", "32", "bfloat16"][-3:] == ["12.0", "2667", "3.00x"]  # torch ms, img/s, speed-up
+  assert rows["resnet18", "64", "bfloat16"][5] == "(mem)"  # the JAX row that ran out of memory
+  assert rows["resnet18", "64", "float32"][5] == "10.0"  # the run went on after it
+  assert rows["resnet18", "64", "float32"][-3:] == ["(mem)", "-", "-"]  # its reference had run out
+
+
+def test_errors_other_than_out_of_memory_stop_the_run(monkeypatch):
+  calls = []
+  _patch(monkeypatch, calls, jax_ms={("resnet18", 32, "float32"): RuntimeError("INVALID_ARGUMENT: bad shape")},
+         torch_ms={("resnet18", 32): 12.0})
+  with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+    bench.main(["--steps", "1", "--repeats", "1", "--rows", "resnet18:32:float32:views"])
+  _patch(monkeypatch, calls, jax_ms={}, torch_ms={("resnet18", 32): RuntimeError("cuDNN error: bad param")})
+  with pytest.raises(RuntimeError, match="cuDNN"):
+    bench.main(["--steps", "1", "--repeats", "1", "--rows", "resnet18:32:float32:views"])
