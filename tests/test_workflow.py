@@ -2,14 +2,17 @@
 checkpoints, two processes under jax.distributed, the report."""
 
 import json
+import logging
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -102,20 +105,47 @@ def test_validate_accepts_every_shipped_config():
 
 # ------------------------------------------------------------------ runs
 
+class _TrainStepCompiles(logging.Handler):
+  """Counts the train step's lowerings (jit's in-memory cache misses) while installed."""
+
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.count = 0
+
+  def emit(self, record):
+    self.count += bool(re.match(r"Compiling jit\((train_)?step\) ", record.getMessage()))
+
+  def __enter__(self):
+    self._log_compiles = jax.log_compiles(True)
+    self._log_compiles.__enter__()
+    logging.getLogger("jax._src.interpreters.pxla").addHandler(self)
+    return self
+
+  def __exit__(self, *exc):
+    logging.getLogger("jax._src.interpreters.pxla").removeHandler(self)
+    self._log_compiles.__exit__(*exc)
+
+
 @needs_fashion_mnist
 @pytest.mark.parametrize("backend", ["tf", "device"])
 def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tmp_path, backend):
   from care_jax import train
   # Both backends draw batches and views from the step alone, so a resume is exact.
   config = _smoke_config(num_train_steps=6, checkpoint_every_steps=2, final_eval=False, augment_backend=backend)
-  train.train_and_evaluate(config, str(tmp_path / "straight"))
-  first = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=3)
-  assert first == {"step": 3, "status": "stopped"}
+  compiles = []
+  for workdir, stop in (("straight", None), ("resumed", 3), ("resumed", None)):
+    with _TrainStepCompiles() as counter:
+      summary = train.train_and_evaluate(config, str(tmp_path / workdir), stop_at_step=stop)
+    compiles.append(counter.count)
+  assert summary == {"step": 6, "status": "finished"}
   assert (tmp_path / "resumed" / "checkpoints" / "3").is_dir()
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
   straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
   assert sorted(resumed) == list(range(1, 7))
   assert resumed == straight  # exact: same batches, same state, same programs
+  # One compiled step per invocation, checkpoint saves and a restored state
+  # included: a state whose dtypes, weak types or shardings drifted from the
+  # step's outputs would compile a second program mid-run.
+  assert compiles == [1, 1, 1]
 
 
 @needs_fashion_mnist
