@@ -6,7 +6,9 @@
 
 One row per (model, B, dtype, augmentation, view batching): median step ms, images/s, XLA's
 FLOPs per image from the compiled step's cost analysis, MFU against the
-device's dense bf16 peak (where known), and the PyTorch reference's step ms
+device's dense bf16 peak (where known), XLA's bytes accessed per image and
+that traffic's time at the device's HBM bandwidth (a lower bound on the step:
+a step near it is memory-bound), and the PyTorch reference's step ms
 and images/s on the same device in the same run with the speed-up over it.
 
 augmentation 'views': the four float views are given (what the tf.data
@@ -47,13 +49,17 @@ from care_jax.augment_config import augment_config  # noqa: E402
 from experiments import torch_reference  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Dense bf16 tensor-core peaks (FLOP/s) by device_kind substring; MFU is "-" elsewhere.
-BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "V5E": 197e12, "V4": 275e12}
+# (device_kind substring, dense bf16 tensor-core peak FLOP/s, HBM bytes/s), first
+# match wins (so the H100 PCIe and NVL before the SXM H100); "-" where unknown.
+DEVICE_SPECS = (("H100PCIE", 756e12, 2.0e12), ("H100NVL", 835e12, 3.9e12), ("H200", 989e12, 4.8e12),
+                ("H100", 989e12, 3.35e12), ("A100", 312e12, 2.0e12), ("L4", 121e12, 0.3e12),
+                ("V5LITE", 197e12, 0.82e12), ("V4", 275e12, 1.2e12))
 
 
-def _peak(device) -> float | None:
+def _device_spec(device) -> tuple:
+  """(bf16 peak FLOP/s, HBM bytes/s) of the device, (None, None) where unknown (CPUs)."""
   kind = getattr(device, "device_kind", "").upper().replace(" ", "")
-  return next((v for k, v in BF16_PEAK.items() if k in kind), None)
+  return next(((peak, bw) for k, peak, bw in DEVICE_SPECS if k in kind), (None, None))
 
 
 def _config(model: str, width: float, batch: int, dtype: str, augment: str, view_batching: str = "sequential"):
@@ -101,6 +107,9 @@ def jax_row(config, steps: int, repeats: int) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  # XLA's count of bytes its ops read and write (fusions' operands and outputs):
+  # over the HBM bandwidth, a lower bound on the step time from memory traffic.
+  bytes_accessed = float(cost.get("bytes accessed", 0.0)) if cost else 0.0
   holder = {"state": state}
 
   def run(n):
@@ -111,7 +120,8 @@ def jax_row(config, steps: int, repeats: int) -> dict:
     holder["state"] = s
 
   ms = _timed_windows(run, steps, repeats)
-  return {"ms": ms, "flops_per_image": flops / config.batch_size, "flops_per_step": flops}
+  return {"ms": ms, "flops_per_image": flops / config.batch_size, "flops_per_step": flops,
+          "bytes_per_step": bytes_accessed}
 
 
 def torch_row(torch, config, steps: int, repeats: int):
@@ -192,12 +202,13 @@ def main(argv=None):
   torch = None if args.no_torch else torch_reference.torch_module()
 
   dev = jax.devices()[0]
-  peak = _peak(dev)
+  peak, bandwidth = _device_spec(dev)
   print(f"# CARE train step (4 views, fwd+bwd+Adam), CIFAR 32x32, width {width}; jax {jax.__version__} on "
-        f"{jax.device_count()} x {dev.device_kind}; bf16 peak {peak / 1e12 if peak else '-'} TFLOP/s; "
+        f"{jax.device_count()} x {dev.device_kind}; bf16 peak {peak / 1e12 if peak else '-'} TFLOP/s, "
+        f"HBM {bandwidth / 1e12 if bandwidth else '-'} TB/s; "
         f"baseline: {'torch ' + torch.__version__ if torch else 'none'}")
   header = (f"{'model':<9} {'B':>5} {'dtype':<8} {'augment':<7} {'views':<10} {'step ms':>9} {'img/s':>9} {'GFLOP/img':>9} "
-            f"{'MFU':>6} {'torch ms':>9} {'torch img/s':>11} {'speed-up':>8}")
+            f"{'MFU':>6} {'MB/img':>7} {'HBM ms':>7} {'torch ms':>9} {'torch img/s':>11} {'speed-up':>8}")
   # (model, B) -> the reference's step ms, timed once per pair, all before the JAX rows.
   torch_ms = {} if torch is None else reference_rows(torch, dict.fromkeys((r[0], r[1]) for r in rows),
                                                        width, steps, args.repeats)
@@ -213,14 +224,18 @@ def main(argv=None):
     except Exception as err:  # noqa: BLE001 (device OOM is reported and the run goes on; all else raises)
       if not is_out_of_memory(err):
         raise
-      print(f"{lead} {'(mem)':>9} {'-':>9} {'-':>9} {'-':>6} {base} {'-':>8}", flush=True)
+      print(f"{lead} {'(mem)':>9} {'-':>9} {'-':>9} {'-':>6} {'-':>7} {'-':>7} {base} {'-':>8}", flush=True)
       del err
       gc.collect()
       continue
     ips = batch / r["ms"] * 1e3
     mfu = f"{100 * r['flops_per_step'] / (r['ms'] / 1e3) / peak:5.1f}%" if peak else "     -"
+    # The memory-traffic bound next to the step time: a step near it is bound by
+    # HBM bandwidth (BatchNorm, ReLU and the optimizer's elementwise passes), not FLOPs.
+    hbm_ms = f"{1e3 * r['bytes_per_step'] / bandwidth:7.1f}" if bandwidth else f"{'-':>7}"
     speed = f"{base_ms / r['ms']:7.2f}x" if base_ms is not None else f"{'-':>8}"
-    print(f"{lead} {r['ms']:9.1f} {ips:9.0f} {r['flops_per_image'] / 1e9:9.3f} {mfu:>6} {base} {speed}", flush=True)
+    print(f"{lead} {r['ms']:9.1f} {ips:9.0f} {r['flops_per_image'] / 1e9:9.3f} {mfu:>6} "
+          f"{r['bytes_per_step'] / batch / 1e6:7.1f} {hbm_ms} {base} {speed}", flush=True)
 
 
 def _parse_row(text: str):

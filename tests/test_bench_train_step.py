@@ -36,7 +36,8 @@ def _patch(monkeypatch, calls, jax_ms, torch_ms):
     ms = jax_ms[config.model, config.batch_size, config.dtype]
     if isinstance(ms, Exception):
       raise ms
-    return {"ms": ms, "flops_per_image": 2e9, "flops_per_step": 2e9 * config.batch_size}
+    return {"ms": ms, "flops_per_image": 2e9, "flops_per_step": 2e9 * config.batch_size,
+            "bytes_per_step": 5e7 * config.batch_size}
 
   monkeypatch.setattr(bench, "torch_row", torch_row)
   monkeypatch.setattr(bench, "jax_row", jax_row)
@@ -57,7 +58,7 @@ def test_references_run_first_and_out_of_memory_rows_print_mem(monkeypatch, caps
   assert "# reference resnet18 B=32: 12.0 ms/step, 2667 img/s (cuda)" in lines
   assert "# reference resnet18 B=64: out of device memory" in lines
   rows = {tuple(line.split()[:3]): line.split() for line in lines if line.startswith("resnet18")}
-  assert rows["resnet18", "32", "bfloat16"][5:7] == ["4.0", "8000"]
+  assert rows["resnet18", "32", "bfloat16"][5:10] == ["4.0", "8000", "2.000", "-", "50.0"]  # CPU: no MFU
   assert rows["resnet18", "32", "bfloat16"][-3:] == ["12.0", "2667", "3.00x"]  # torch ms, img/s, speed-up
   assert rows["resnet18", "64", "bfloat16"][5] == "(mem)"  # the JAX row that ran out of memory
   assert rows["resnet18", "64", "float32"][5] == "10.0"  # the run went on after it
@@ -73,3 +74,11 @@ def test_errors_other_than_out_of_memory_stop_the_run(monkeypatch):
   _patch(monkeypatch, calls, jax_ms={}, torch_ms={("resnet18", 32): RuntimeError("cuDNN error: bad param")})
   with pytest.raises(RuntimeError, match="cuDNN"):
     bench.main(["--steps", "1", "--repeats", "1", "--rows", "resnet18:32:float32:views"])
+
+
+@pytest.mark.parametrize("kind, spec", [
+    ("NVIDIA H200", (989e12, 4.8e12)), ("NVIDIA H100 80GB HBM3", (989e12, 3.35e12)),
+    ("NVIDIA H100 PCIe", (756e12, 2.0e12)), ("NVIDIA H100 NVL", (835e12, 3.9e12)),
+    ("NVIDIA A100-SXM4-80GB", (312e12, 2.0e12)), ("TPU v5 lite", (197e12, 0.82e12)), ("TPU v4", (275e12, 1.2e12)), ("cpu", (None, None))])
+def test_device_specs_match_the_device_kind_most_specific_first(kind, spec):
+  assert bench._device_spec(types.SimpleNamespace(device_kind=kind)) == spec
