@@ -1,5 +1,6 @@
 """Models: parameter counts against torchvision's architecture, shapes, dtypes."""
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,3 +157,61 @@ def test_batchnorm_variance_is_stable_when_the_mean_dwarfs_the_spread():
   x64 = x.astype(np.float64)
   mean, var = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
   np.testing.assert_allclose(np.asarray(y), (x64 - mean) / np.sqrt(var + 1e-5), rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("offset, spread", [(0.0, 1.0), (30.0, 0.1)])
+def test_batchnorm_values_running_stats_and_gradients_match_float64_closed_forms(offset, spread):
+  # One-pass shifted moments with a hand-written VJP: against NumPy float64
+  # formulas, the gradient included: for L = sum(w * y), with x_hat the
+  # normalised input and sigma = sqrt(var + eps), per channel
+  #   dL/dbias = sum(w), dL/dscale = sum(w x_hat),
+  #   dL/dx = scale / sigma * (w - mean(w) - x_hat * mean(w x_hat)).
+  rng = np.random.default_rng(1)
+  x = (offset + spread * rng.normal(size=(32, 3, 3, 4))).astype(np.float32)
+  w = rng.normal(size=x.shape).astype(np.float32)
+  norm = resnet._norm(train=True, dtype=jnp.float32)
+  variables = norm.init(jax.random.PRNGKey(0), x)
+  params = {"scale": jnp.asarray(rng.uniform(0.5, 2.0, 4), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=4), jnp.float32)}
+
+  def loss(params, x):
+    y, updates = norm.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"])
+    return jnp.sum(w * y), (y, updates["batch_stats"])
+
+  (_, (y, stats)), (g_params, g_x) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+  x64, w64 = x.astype(np.float64), w.astype(np.float64)
+  scale, bias = np.asarray(params["scale"], np.float64), np.asarray(params["bias"], np.float64)
+  axes = (0, 1, 2)
+  mean, var = x64.mean(axis=axes), x64.var(axis=axes)
+  sigma = np.sqrt(var + 1e-5)
+  x_hat = (x64 - mean) / sigma
+  # float32 rounding of the mean alone moves x_hat by ~eps * offset / spread:
+  # the bar is flax's two-pass BatchNorm, run on the same input.
+  two_pass = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, use_fast_variance=False)
+  y_two_pass, _ = two_pass.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                 mutable=["batch_stats"])
+  err, err_two_pass = (np.abs(np.asarray(v) - (x_hat * scale + bias)).max() for v in (y, y_two_pass))
+  assert err <= 2 * err_two_pass + 1e-6, (err, err_two_pass)
+  tol = dict(rtol=1e-4, atol=1e-4 * (1 + offset / (100 * spread)))
+  np.testing.assert_allclose(np.asarray(y), x_hat * scale + bias, **tol)
+  np.testing.assert_allclose(np.asarray(stats["mean"]), 0.1 * mean, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(stats["var"]), 0.9 + 0.1 * var, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_params["bias"]), w64.sum(axis=axes), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(g_params["scale"]), (w64 * x_hat).sum(axis=axes), **tol)
+  g_x_expected = scale / sigma * (w64 - w64.mean(axis=axes) - x_hat * (w64 * x_hat).mean(axis=axes))
+  np.testing.assert_allclose(np.asarray(g_x), g_x_expected, rtol=1e-3, atol=1e-3 * np.abs(g_x_expected).max())
+  # Inference mode normalises with the running statistics.
+  eval_norm = resnet._norm(train=False, dtype=jnp.float32)
+  y_eval = eval_norm.apply({"params": params, "batch_stats": stats}, x)
+  np.testing.assert_allclose(np.asarray(y_eval), (x64 - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var + 1e-5) * scale + bias,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_in_bfloat16_returns_bfloat16_values_and_input_gradients():
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 2, 2, 3)).astype(jnp.bfloat16)
+  norm = resnet._norm(train=True, dtype=jnp.bfloat16)
+  variables = norm.init(jax.random.PRNGKey(0), x)
+  f = lambda x: norm.apply(variables, x, mutable=["batch_stats"])[0]
+  y, g = f(x), jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32)))(x)
+  assert y.dtype == jnp.bfloat16 and g.dtype == jnp.bfloat16
+  assert variables["batch_stats"]["mean"].dtype == jnp.float32
