@@ -91,7 +91,9 @@ def _batch_moments(x, axes):
 def _batch_moments_fwd(x, axes):
   x32 = x.astype(jnp.float32)
   # The shift: the first entry's mean along the reduced axes (for NHWC, the
-  # first image's channel means), a constant near each channel's mean.
+  # first image's channel means), a constant near each channel's mean. On a
+  # batch sharded over devices it is one [C] collective before the moments'
+  # own, as the two-pass form's mean was before its variance.
   shift = jnp.mean(jax.lax.slice_in_dim(x32, 0, 1, axis=axes[0]), axis=axes, keepdims=True)
   # Both reductions read x itself (the shift fused into the second), so XLA
   # can make them one multi-output pass; a materialised x - shift read twice
