@@ -224,9 +224,10 @@ def main(argv=None):
     except Exception as err:  # noqa: BLE001 (device OOM is reported and the run goes on; all else raises)
       if not is_out_of_memory(err):
         raise
+      r = None
+    if r is None:
+      gc.collect()  # the failed row's buffers, which its traceback held until the except block ended
       print(f"{lead} {'(mem)':>9} {'-':>9} {'-':>9} {'-':>6} {'-':>7} {'-':>7} {base} {'-':>8}", flush=True)
-      del err
-      gc.collect()
       continue
     ips = batch / r["ms"] * 1e3
     mfu = f"{100 * r['flops_per_step'] / (r['ms'] / 1e3) / peak:5.1f}%" if peak else "     -"
