@@ -20,7 +20,8 @@
 # Stages (default: all, in this order): env, losses, resnet18, e2e, resnet50.
 # e2e pretrains the quickstart model on Fashion-MNIST with the device
 # augmentation backend (no TensorFlow) and prints epoch time and kNN accuracy
-# (experiments/run_summary.py); it reads the IDX files from .gpu_data/.
+# (experiments/run_summary.py); it reads the IDX files from .gpu_data/
+# (GPU_FIGURES_DATA to read them elsewhere).
 # GPU_FIGURES_SMOKE=1 runs the same plumbing at toy sizes on a CPU;
 # GPU_FIGURES_LOSSES_LIMIT / _STEP_LIMIT / _E2E_LIMIT override the stage limits.
 set -u
@@ -96,7 +97,7 @@ run_stage() {  # name, timeout, command...
 }
 
 e2e_run() {  # the quickstart pretraining + report, then its one-line summary
-  local data=.gpu_data work=/tmp/care_jax_e2e
+  local data=${GPU_FIGURES_DATA:-.gpu_data} work=/tmp/care_jax_e2e
   if ! compgen -G "$data/train-images-idx3-ubyte*" >/dev/null; then
     [ -n "${GPU_FIGURES_SMOKE:-}" ] && data=/usr/share/datasets/fashion-mnist || {
       echo "e2e: no Fashion-MNIST IDX files in $data/; run 'make gpu-carry' here and carry .gpu_data" >&2
