@@ -90,6 +90,16 @@ def _check_temperature(fn: str, temperature) -> float:
 # [N, D] gradient costs nothing measurable. (Under vmap over a batch of
 # losses the cond becomes a select and runs both paths: correct, but slower.)
 #
+# The shared shift is for CPUs only. On a GPU the data-dependent cond is an
+# HLO conditional, which XLA:GPU runs by copying the predicate to the host and
+# waiting for the stream: two host syncs in every train step (forward and
+# backward), each stalling the ~1400 kernels queued behind it. There the
+# row-max path alone runs, with no branch: its extra exp passes over [N, N]
+# are fused elementwise work a GPU does in microseconds at N = 2B = 1024.
+# lax.platform_dependent makes the choice when the step is lowered, so an
+# ahead-of-time compile for a GPU from a CPU host gets the GPU's path too
+# (experiments/gpu_aot_profile.py counts the conditionals: 2 -> 0).
+#
 # Measured, forward+backward of the uniformity term, N = 2048, D = 128, XLA:CPU
 # 2 cores: row-max path alone 27.1 ms, shared-shift path 22.1 ms, floor 19.7;
 # N = 512: shared-shift 1.20-1.24 ms, floor 0.92 ms. Also tried at N = 512
@@ -177,17 +187,25 @@ class _SharedShiftResiduals(NamedTuple):
   ok: jax.Array  # False: the rows broke the bound; the backward takes the row-max path
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _mean_negative_logsumexp(z, temperature):
-  return _mean_negative_logsumexp_fwd(z, temperature)[0]
+  """mean_i lse_{j != i} z_i.z_j / tau: the shared-shift path on CPUs, row-max elsewhere."""
+  if 1.0 / temperature > _SHARED_SHIFT_MAX_SQ_NORM_OVER_T:
+    return _mean_nlse(z, temperature, False)  # even unit rows break the bound
+  return jax.lax.platform_dependent(
+      z, cpu=lambda z: _mean_nlse(z, temperature, True),
+      default=lambda z: _mean_nlse(z, temperature, False))
 
 
-def _mean_negative_logsumexp_fwd(z, temperature):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _mean_nlse(z, temperature, shared_shift):
+  return _mean_nlse_fwd(z, temperature, shared_shift)[0]
+
+
+def _mean_nlse_fwd(z, temperature, shared_shift):
   inv_t = 1.0 / temperature
   n = z.shape[0]
   block = _row_blocks(n)
-  if inv_t > _SHARED_SHIFT_MAX_SQ_NORM_OVER_T:
-    # tau < 0.025: even unit rows break the bound; decided at trace time.
+  if not shared_shift:
     if block == n:
       s = _masked_similarity(z, z, 0, inv_t)
       lse = jax.nn.logsumexp(s, axis=1)
@@ -215,7 +233,8 @@ def _mean_negative_logsumexp_fwd(z, temperature):
   return loss, _SharedShiftResiduals(z, e, c, w, 1.0 / r, ok)
 
 
-def _mean_negative_logsumexp_bwd(temperature, residuals, g):
+def _mean_nlse_bwd(temperature, shared_shift, residuals, g):
+  del shared_shift  # the residuals' type says which path the forward took
   inv_t = 1.0 / temperature
   z = residuals.z
   n = z.shape[0]
@@ -246,7 +265,7 @@ def _mean_negative_logsumexp_bwd(temperature, residuals, g):
   return (grad * (g * inv_t / n),)
 
 
-_mean_negative_logsumexp.defvjp(_mean_negative_logsumexp_fwd, _mean_negative_logsumexp_bwd)
+_mean_nlse.defvjp(_mean_nlse_fwd, _mean_nlse_bwd)
 
 
 def alignment(z1, z2, temperature) -> jax.Array:

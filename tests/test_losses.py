@@ -1,5 +1,6 @@
 """losses.py against brute-force NumPy loops, closed forms and autodiff."""
 import itertools
+import re
 
 import chex
 import jax
@@ -207,6 +208,36 @@ def test_blockwise_info_nce_in_every_regime(regime, monkeypatch):
   monkeypatch.setattr(losses, "_BLOCK_ROWS", 128)
   assert losses._row_blocks(512) == 128
   _assert_info_nce_matches_float64(z1, z2, t)
+
+
+@pytest.mark.parametrize("regime", list(_info_nce_regimes()))
+def test_info_nce_accelerator_path_in_every_regime(regime, monkeypatch):
+  # GPUs and TPUs take the row-max path alone (no run-time branch); run that
+  # branch of lax.platform_dependent here on the CPU.
+  monkeypatch.setattr(jax.lax, "platform_dependent", lambda *args, default, **per_platform: default(*args))
+  (z1, z2), t = _info_nce_regimes()[regime]
+  _assert_info_nce_matches_float64(z1, z2, t)
+
+
+def _data_dependent_branches(stablehlo: str) -> int:
+  """lax.cond's on computed booleans: each lowers its predicate to a scalar i32 branch index.
+
+  (The platform switch of lax.platform_dependent indexes by constants.)
+  """
+  return len(re.findall(r"stablehlo.convert %\S+ : \(tensor<i1>\) -> tensor<i32>", stablehlo))
+
+
+def test_info_nce_has_no_run_time_branch_on_gpus():
+  # A data-dependent lax.cond becomes an HLO conditional, which XLA:GPU runs by
+  # reading the predicate back to the host: a sync in every step. On a CPU the
+  # shared-shift path keeps its guard; lowered for a GPU there is no branch.
+  rng = np.random.default_rng(13)
+  z1, z2 = jnp.float32(_sphere(rng, 16, 8)), jnp.float32(_sphere(rng, 16, 8))
+  grad = jax.jit(jax.value_and_grad(lambda a, b: losses.info_nce(a, b, 0.1), argnums=(0, 1)))
+  lowered = {p: jax.export.export(grad, platforms=[p])(z1, z2).mlir_module() for p in ("cpu", "cuda", "tpu")}
+  assert _data_dependent_branches(lowered["cpu"]) == 2  # the forward's and the backward's guard
+  assert _data_dependent_branches(lowered["cuda"]) == 0
+  assert _data_dependent_branches(lowered["tpu"]) == 0
 
 
 def test_wang_isola_uniformity_matches_brute_force():
