@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data test demo bench gpu-wheels gpu-data gpu-carry clean
+.PHONY: setup data test demo bench gpu-wheels gpu-data gpu-carry gpu-aot clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,17 @@ gpu-data: data
 
 # Everything experiments/gpu_figures.sh needs there: carry=[".whl", ".gpu_data"].
 gpu-carry: gpu-wheels gpu-data
+
+# Static profile of the train step compiled ahead of time for an H200 (or
+# GPU_AOT_ARGS="--target h100"), on this CPU host: jax's CUDA compiler plugin of
+# the locked jax version goes into .aot_site/, outside the venv (README, "On a GPU").
+JAX_VERSION = $(shell sed -n 's/^jax==//p' requirements-lock.txt)
+GPU_AOT_ARGS ?=
+gpu-aot: $(STAMP)
+	@test -d .aot_site/jax_plugins || $(PY) -m pip install -q --no-deps --only-binary=:all: \
+	  --python-version 3.11 --platform manylinux_2_27_x86_64 --target .aot_site \
+	  jax-cuda12-plugin==$(JAX_VERSION) jax-cuda12-pjrt==$(JAX_VERSION)
+	JAX_PLATFORMS=cpu PYTHONPATH=.aot_site:. $(PY) -m experiments.gpu_aot_profile $(GPU_AOT_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

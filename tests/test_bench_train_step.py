@@ -82,3 +82,30 @@ def test_errors_other_than_out_of_memory_stop_the_run(monkeypatch):
     ("NVIDIA A100-SXM4-80GB", (312e12, 2.0e12)), ("TPU v5 lite", (197e12, 0.82e12)), ("TPU v4", (275e12, 1.2e12)), ("cpu", (None, None))])
 def test_device_specs_match_the_device_kind_most_specific_first(kind, spec):
   assert bench._device_spec(types.SimpleNamespace(device_kind=kind)) == spec
+
+
+def _in_bounds_taps(size: int, kernel: int, pad: int) -> int:
+  """Brute force: (output position, filter tap) pairs of a stride-1 1-D window that land on the image."""
+  out = size + 2 * pad - kernel + 1
+  return sum(0 <= o - pad + k < size for o in range(out) for k in range(kernel))
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+def test_model_flops_count_the_multiply_adds_as_written(padding):
+  """2 x MACs of a matmul plus a 3x3 conv, against the closed form and a brute-force tap count."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  n, h, c_in, c_out, m, k = 2, 6, 3, 5, 7, 11
+
+  def step(x, w, a, b):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.sum() + (a @ b).sum()
+
+  args = (jnp.ones((n, h, h, c_in)), jnp.ones((3, 3, c_in, c_out)), jnp.ones((m, k)), jnp.ones((k, 4)))
+  taps_1d = _in_bounds_taps(h, 3, 1 if padding == "SAME" else 0)
+  expected_macs = n * taps_1d ** 2 * c_in * c_out + m * k * 4
+  flops = bench.model_flops(jax.jit(step).lower(*args))
+  # The reductions and the bias-free sums add a few elementwise FLOPs on top.
+  elementwise = flops - 2 * expected_macs
+  assert 0 <= elementwise <= n * h * h * c_out + m * 4 + 8, (flops, 2 * expected_macs)
