@@ -63,7 +63,8 @@ JAX_VERSION = $(shell sed -n 's/^jax==//p' requirements-lock.txt)
 GPU_AOT_ARGS ?=
 gpu-aot: $(STAMP)
 	@test -d .aot_site/jax_plugins || $(PY) -m pip install -q --no-deps --only-binary=:all: \
-	  --python-version 3.11 --platform manylinux_2_27_x86_64 --target .aot_site \
+	  --python-version $$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+	  --platform manylinux_2_27_x86_64 --target .aot_site \
 	  jax-cuda12-plugin==$(JAX_VERSION) jax-cuda12-pjrt==$(JAX_VERSION)
 	JAX_PLATFORMS=cpu PYTHONPATH=.aot_site:. $(PY) -m experiments.gpu_aot_profile $(GPU_AOT_ARGS)
 
