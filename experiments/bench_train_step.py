@@ -104,24 +104,33 @@ def model_flops(lowered) -> float | None:
   (private) entry point; the caller then falls back to the compiled count.
   """
   try:
-    from jax._src.lib import xla_client  # noqa: PLC0415 (private: guarded below)
-
-    module = lowered.compiler_ir("hlo").get_hlo_module()
-    cost = xla_client._xla.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
-    return float(cost["flops"])
+    return float(host_cost_analysis(lowered.compiler_ir("hlo").get_hlo_module())["flops"])
   except Exception:  # noqa: BLE001 (any failure here only loses the better count)
     return None
 
 
-def jax_row(config, steps: int, repeats: int) -> dict:
-  mesh = train.make_mesh()
+def host_cost_analysis(hlo_module) -> dict:
+  """XLA's cost analysis of an HLO module (any backend's) by the host's CPU client."""
+  from jax._src.lib import xla_client  # noqa: PLC0415 (private: callers guard or need it)
+
+  return xla_client._xla.hlo_module_cost_analysis(jax.devices("cpu")[0].client, hlo_module)
+
+
+def model_and_step(config) -> tuple:
+  """(model, optimizer, uncompiled train step) of a benchmark row's config."""
   model = train.build_model(config)
   schedule = train.learning_rate_schedule(config, config_lib.resolve_durations(config, 50000))
   tx = train.make_optimizer(config, schedule)
-  state = train.create_train_state(model, tx, config, mesh)
   step_fn = train.make_train_step(model, tx, config, schedule)
   if config.augment_backend == "device":
     step_fn = train.with_device_augmentation(step_fn, config, augment_config(config.dataset, config.image_size))
+  return model, tx, step_fn
+
+
+def jax_row(config, steps: int, repeats: int) -> dict:
+  mesh = train.make_mesh()
+  model, tx, step_fn = model_and_step(config)
+  state = train.create_train_state(model, tx, config, mesh)
   step = train.compile_train_step(step_fn, mesh)
   batch = _inputs(config, mesh)
   lowered = step.lower(state, batch)

@@ -194,12 +194,13 @@ def profile(hlo_text: str) -> dict:
              + sum(shape_bytes(shapes[o]) for o in inst.operands if o in shapes))
     if inst.opcode == "custom-call" and inst.attribute("custom_call_target") in _CONV_TARGETS:
       flops_conv += conv_flops(inst, shapes)
-    kinds[kernel_kind(inst)] += 1
+    kind = kernel_kind(inst)
+    kinds[kind] += 1
     part = parts[part_of(inst)]
     part[0] += 1
     part[1] += moved
     total_bytes += moved
-    heaviest.append((moved, inst.name, kernel_kind(inst), (inst.attribute("op_name") or "")[-90:]))
+    heaviest.append((moved, inst.name, kind, (inst.attribute("op_name") or "")[-90:]))
   heaviest.sort(reverse=True)
   return dict(kernels=sum(kinds.values()), kinds=dict(kinds.most_common()), syncs=syncs,
               bytes=total_bytes, conv_flops=flops_conv, parts=dict(parts), heaviest=heaviest[:8])
@@ -223,24 +224,19 @@ def target_topology(target: str):
 
 def compile_row(row, devices) -> dict:
   """Lowers and compiles one row's train step for `devices`; no array is ever allocated."""
-  from care_jax import config_lib, train  # noqa: PLC0415
-  from care_jax.augment_config import augment_config  # noqa: PLC0415
+  from care_jax import train  # noqa: PLC0415
   from experiments import bench_train_step  # noqa: PLC0415
 
   model_name, batch, dtype, augment, views = row
   config = bench_train_step._config(model_name, 1.0, batch, dtype, augment, views)
   mesh = train.make_mesh(devices)
   host_mesh = train.make_mesh(jax.devices("cpu")[:1])
-  model = train.build_model(config)
-  schedule = train.learning_rate_schedule(config, config_lib.resolve_durations(config, 50000))
-  tx = train.make_optimizer(config, schedule)
+  model, tx, step_fn = bench_train_step.model_and_step(config)
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   abstract = jax.eval_shape(lambda: train.create_train_state(model, tx, config, host_mesh))
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-  step_fn = train.make_train_step(model, tx, config, schedule)
   image = (batch, config.image_size, config.image_size, 3)
   if augment == "device":
-    step_fn = train.with_device_augmentation(step_fn, config, augment_config(config.dataset, config.image_size))
     inputs = {"images": jax.ShapeDtypeStruct(image, np.uint8, sharding=sharded)}
   else:
     inputs = {v: jax.ShapeDtypeStruct(image, np.float32, sharding=sharded) for v in train.VIEWS}
@@ -248,12 +244,9 @@ def compile_row(row, devices) -> dict:
   t0 = time.perf_counter()
   compiled = lowered.compile()
   seconds = time.perf_counter() - t0
-  from jax._src.lib import xla_client  # noqa: PLC0415 (cost analysis of an HLO module on the host)
-
   # XLA's byte count of the compiled GPU module, analysed on the host's CPU
   # client (the GPU client that would do it does not exist here).
-  cpu = jax.devices("cpu")[0].client
-  compiled_cost = xla_client._xla.hlo_module_cost_analysis(cpu, compiled.runtime_executable().hlo_modules()[0])
+  compiled_cost = bench_train_step.host_cost_analysis(compiled.runtime_executable().hlo_modules()[0])
   return dict(compile_s=seconds, hlo=compiled.as_text(), model_flops=bench_train_step.model_flops(lowered) or 0.0,
               xla_bytes=float(compiled_cost.get("bytes accessed", 0.0)))
 
