@@ -131,10 +131,10 @@ def jax_row(config, steps: int, repeats: int) -> dict:
   mesh = train.make_mesh()
   model, tx, step_fn = model_and_step(config)
   state = train.create_train_state(model, tx, config, mesh)
-  step = train.compile_train_step(step_fn, mesh)
   batch = _inputs(config, mesh)
-  lowered = step.lower(state, batch)
+  lowered = train.jit_train_step(step_fn, mesh).lower(*train.shape_structs((state, batch)))
   compiled = lowered.compile()
+  state = train.to_state_layouts(state, compiled)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = model_flops(lowered)

@@ -240,7 +240,7 @@ def compile_row(row, devices) -> dict:
     inputs = {"images": jax.ShapeDtypeStruct(image, np.uint8, sharding=sharded)}
   else:
     inputs = {v: jax.ShapeDtypeStruct(image, np.float32, sharding=sharded) for v in train.VIEWS}
-  lowered = train.compile_train_step(step_fn, mesh).lower(state, inputs)
+  lowered = train.jit_train_step(step_fn, mesh).lower(state, inputs)
   t0 = time.perf_counter()
   compiled = lowered.compile()
   seconds = time.perf_counter() - t0

@@ -34,9 +34,14 @@ def _setup(config, devices):
   schedule = train.learning_rate_schedule(config, durations)
   tx = train.make_optimizer(config, schedule)
   state = train.create_train_state(model, tx, config, mesh)
-  step = train.compile_train_step(train.make_train_step(model, tx, config, schedule), mesh)
-  to_global = train.global_batch_builder(mesh)
-  return state, step, to_global
+  train_step, compiled = train.make_train_step(model, tx, config, schedule), {}
+
+  def step(state, batch):  # compiled for the first batch it is given, as the training loop does
+    if "step" not in compiled:
+      compiled["step"], state = train.compile_train_step(train_step, mesh, state, batch)
+    return compiled["step"](state, batch)
+
+  return state, step, train.global_batch_builder(mesh)
 
 
 def _run(config, devices, batch, steps=1):
@@ -197,3 +202,35 @@ def test_vmapped_views_equal_sequential_passes_including_batchnorm_statistics():
     np.testing.assert_allclose(m_vm[key], m_seq[key], rtol=5e-5)
   _assert_same_updates(vm.params, seq.params, state0.params)
   _assert_same_updates(vm.batch_stats, seq.batch_stats, state0.batch_stats)
+
+
+def test_compiled_step_takes_a_state_in_any_layout_and_keeps_its_own():
+  # XLA picks the state's layouts (Layout.AUTO; on a GPU conv kernels become
+  # output-channel-major). A state arriving in another layout, e.g. one a GPU
+  # step left or a checkpoint gave, is moved into the step's layouts, and the
+  # step returns it in them, so the loop relayouts at most once.
+  from jax.experimental.layout import Format, Layout
+
+  config = _tiny_config(optimizer="sgd", learning_rate=0.05)
+  batch = _batch(config, seed=2)
+  expected, _ = _run(config, jax.devices()[:1], batch)
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = train.build_model(config)
+  schedule = train.learning_rate_schedule(config, config_lib.resolve_durations(config, 10 * config.batch_size))
+  tx = train.make_optimizer(config, schedule)
+  state, to_global = train.create_train_state(model, tx, config, mesh), train.global_batch_builder(mesh)
+  path = ("backbone", "stem_conv", "kernel")
+  kernel = state.params[path[0]][path[1]][path[2]]
+  o_major = jax.device_put(kernel, Format(Layout(major_to_minor=(3, 0, 1, 2)), kernel.sharding))
+  assert o_major.format.layout != kernel.format.layout
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, a: o_major if tuple(k.key for k in p) == path else a, state.params)
+  global_batch = {k: to_global(v) for k, v in batch.items()}
+  compiled, placed = train.compile_train_step(train.make_train_step(model, tx, config, schedule), mesh,
+                                              state.replace(params=params), global_batch)
+  wanted = jax.tree.leaves(compiled.input_formats[0][0])
+  assert [a.format.layout for a in jax.tree.leaves(placed)] == [f.layout for f in wanted]
+  new_state, metrics = compiled(placed, global_batch)
+  assert [a.format.layout for a in jax.tree.leaves(new_state)] == [f.layout for f in wanted]
+  assert bool(metrics["finite"])
+  _assert_trees_close(jax.device_get(new_state.params), expected.params, rtol=1e-6, atol=1e-7)
