@@ -44,6 +44,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from care_jax import config_lib, train  # noqa: E402
 from care_jax.augment_config import augment_config  # noqa: E402
@@ -73,13 +74,21 @@ def _config(model: str, width: float, batch: int, dtype: str, augment: str, view
   return c
 
 
+def input_structs(config, mesh) -> dict:
+  """A row's batch as ShapeDtypeStructs: uint8 images for on-device augmentation, else the four float32 views."""
+  sharding = NamedSharding(mesh, P("data"))
+  shape = (config.batch_size, config.image_size, config.image_size, 3)
+  if config.augment_backend == "device":
+    return {"images": jax.ShapeDtypeStruct(shape, np.uint8, sharding=sharding)}
+  return {v: jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding) for v in train.VIEWS}
+
+
 def _inputs(config, mesh, seed=0):
   rng = np.random.default_rng(seed)
   to_global = train.global_batch_builder(mesh)
-  shape = (config.batch_size, config.image_size, config.image_size, 3)
-  if config.augment_backend == "device":
-    return {"images": to_global(rng.integers(0, 256, shape, dtype=np.uint8))}
-  return {v: to_global(rng.normal(size=shape).astype(np.float32)) for v in train.VIEWS}
+  fill = lambda s: (rng.integers(0, 256, s.shape, dtype=np.uint8) if s.dtype == np.uint8
+                    else rng.normal(size=s.shape).astype(np.float32))
+  return {k: to_global(fill(s)) for k, s in input_structs(config, mesh).items()}
 
 
 def _timed_windows(run_steps, steps: int, repeats: int) -> float:

@@ -46,7 +46,6 @@ import re
 import time
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -232,15 +231,10 @@ def compile_row(row, devices) -> dict:
   mesh = train.make_mesh(devices)
   host_mesh = train.make_mesh(jax.devices("cpu")[:1])
   model, tx, step_fn = bench_train_step.model_and_step(config)
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
   abstract = jax.eval_shape(lambda: train.create_train_state(model, tx, config, host_mesh))
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-  image = (batch, config.image_size, config.image_size, 3)
-  if augment == "device":
-    inputs = {"images": jax.ShapeDtypeStruct(image, np.uint8, sharding=sharded)}
-  else:
-    inputs = {v: jax.ShapeDtypeStruct(image, np.float32, sharding=sharded) for v in train.VIEWS}
-  lowered = train.jit_train_step(step_fn, mesh).lower(state, inputs)
+  lowered = train.jit_train_step(step_fn, mesh).lower(state, bench_train_step.input_structs(config, mesh))
   t0 = time.perf_counter()
   compiled = lowered.compile()
   seconds = time.perf_counter() - t0
