@@ -284,7 +284,7 @@ def jit_train_step(train_step, mesh: Mesh):
   gradient, writes in place. For ResNet-18 B=512 bf16 compiled for an H200
   (experiments/gpu_aot_profile.py) that took 64 copy kernels out of 1463
   launches to 4 out of 1379, and 93.6 to 92.8 MB/img. On CPUs the layouts XLA
-  picks are the default ones. Lower it with shape_structs, not arrays.
+  picks are the default ones. Lower it from shape_structs (lower_train_step), not arrays.
   """
   replicated = NamedSharding(mesh, P())
   state_format = Format(Layout.AUTO, replicated)
@@ -314,8 +314,13 @@ def compile_train_step(train_step, mesh: Mesh, state, batch):
   the compiled step runs on those alone, never retracing. Keep using the
   state it returns: its layouts are the step's own (see jit_train_step).
   """
-  compiled = jit_train_step(train_step, mesh).lower(shape_structs(state), shape_structs(batch)).compile()
+  compiled = lower_train_step(train_step, mesh, state, batch).compile()
   return compiled, to_state_layouts(state, compiled)
+
+
+def lower_train_step(train_step, mesh: Mesh, state, batch):
+  """jit_train_step lowered for the shapes of (state, batch), arrays or shape_structs."""
+  return jit_train_step(train_step, mesh).lower(shape_structs(state), shape_structs(batch))
 
 
 def make_embed_fn(model, mesh: Mesh):
@@ -455,8 +460,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
       return {v: to_global(local[v]) for v in views}
   # The first batch fixes the shapes the step is compiled for; each next batch
   # is fetched while the device runs the step before it.
-  batch = next_batch(start_step) if start_step < last_step else None
-  if batch is not None:
+  if start_step < last_step:
+    batch = next_batch(start_step)
     p_train_step, state = compile_train_step(train_step, mesh, state, batch)
 
   stop = _StopFlag().install()

@@ -141,7 +141,7 @@ def jax_row(config, steps: int, repeats: int) -> dict:
   model, tx, step_fn = model_and_step(config)
   state = train.create_train_state(model, tx, config, mesh)
   batch = _inputs(config, mesh)
-  lowered = train.jit_train_step(step_fn, mesh).lower(*train.shape_structs((state, batch)))
+  lowered = train.lower_train_step(step_fn, mesh, state, batch)
   compiled = lowered.compile()
   state = train.to_state_layouts(state, compiled)
   cost = compiled.cost_analysis()

@@ -234,7 +234,7 @@ def compile_row(row, devices) -> dict:
   replicated = NamedSharding(mesh, P())
   abstract = jax.eval_shape(lambda: train.create_train_state(model, tx, config, host_mesh))
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-  lowered = train.jit_train_step(step_fn, mesh).lower(state, bench_train_step.input_structs(config, mesh))
+  lowered = train.lower_train_step(step_fn, mesh, state, bench_train_step.input_structs(config, mesh))
   t0 = time.perf_counter()
   compiled = lowered.compile()
   seconds = time.perf_counter() - t0
