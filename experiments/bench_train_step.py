@@ -15,8 +15,9 @@ and images/s on the same device in the same run with the speed-up over it.
 augmentation 'views': the four float views are given (what the tf.data
 pipeline feeds); 'device': uint8 images go in and care_jax/augment_jax.py
 makes the views inside the compiled step (the config's augment_backend=device).
-views 'sequential': four forward passes (the release); 'vmap': one call vmapped
-over the views (config view_batching; same loss, gradients and BN statistics).
+views 'sequential': four forward passes (the release); 'batched': one pass over
+the views interleaved along the batch (config view_batching; same loss,
+gradients and BN statistics).
 The reference is experiments/torch_reference.py: the release's step (four
 forward passes, its loss formulation, Adam, fp32 eager); it is timed once per
 (model, B) with given views, as the release feeds it from a DataLoader.
@@ -219,8 +220,8 @@ def main(argv=None):
   parser.add_argument("--batch-sizes", type=int, nargs="*", default=None)
   parser.add_argument("--dtypes", nargs="*", default=None)
   parser.add_argument("--augment", nargs="*", default=["views", "device"], choices=["views", "device"])
-  parser.add_argument("--view-batching", nargs="*", default=None, choices=["sequential", "vmap"],
-                      help="the four views as four passes (the release) or one vmapped call")
+  parser.add_argument("--view-batching", nargs="*", default=None, choices=config_lib.VIEW_BATCHINGS,
+                      help="the four views as four passes (the release) or one batched pass")
   parser.add_argument("--width", type=float, default=None, help="ResNet width multiplier")
   parser.add_argument("--steps", type=int, default=None, help="steps per timing window")
   parser.add_argument("--repeats", type=int, default=3)
@@ -235,7 +236,7 @@ def main(argv=None):
   dtypes = args.dtypes or (["float32"] if quick else ["float32", "bfloat16"])
   width = args.width or (0.125 if quick else 1.0)
   steps = args.steps or (3 if quick else 20)
-  view_modes = args.view_batching or (["sequential"] if quick else ["sequential", "vmap"])
+  view_modes = args.view_batching or (["sequential"] if quick else list(config_lib.VIEW_BATCHINGS))
   if args.rows:
     rows = [_parse_row(r) for r in args.rows]
   else:
@@ -282,7 +283,7 @@ def main(argv=None):
 
 
 def _parse_row(text: str):
-  """'resnet18:512:bfloat16:device[:vmap]' -> (model, B, dtype, augment, views)."""
+  """'resnet18:512:bfloat16:device[:batched]' -> (model, B, dtype, augment, views)."""
   parts = text.split(":")
   if len(parts) not in (4, 5):
     raise SystemExit(f"--rows: {text!r} is not MODEL:B:DTYPE:AUGMENT[:VIEWS], "
@@ -293,8 +294,8 @@ def _parse_row(text: str):
     raise SystemExit(f"--rows: batch size {batch!r} in {text!r} is not a positive integer")
   if augment not in ("views", "device"):
     raise SystemExit(f"--rows: augment {augment!r} in {text!r} must be 'views' or 'device'")
-  if views not in ("sequential", "vmap"):
-    raise SystemExit(f"--rows: views {views!r} in {text!r} must be 'sequential' or 'vmap'")
+  if views not in config_lib.VIEW_BATCHINGS:
+    raise SystemExit(f"--rows: views {views!r} in {text!r} must be 'sequential' or 'batched'")
   return model, int(batch), dtype, augment, views
 
 

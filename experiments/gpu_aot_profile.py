@@ -1,7 +1,7 @@
 """Static GPU profile of the CARE train step, compiled ahead of time for an H100 or H200 on a CPU host.
 
     make gpu-aot                                          # the default rows for an H200
-    make gpu-aot GPU_AOT_ARGS="--target h100 --rows resnet50:512:bfloat16:device:vmap"
+    make gpu-aot GPU_AOT_ARGS="--target h100 --rows resnet50:512:bfloat16:device:batched"
 
 XLA:GPU's compiler is in jax's CUDA PJRT plugin, and given a GpuTargetConfig
 (experiments/gpu_targets/*.txtpb: SM version, SM count, bandwidth, cache) it
@@ -51,7 +51,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TARGETS = ROOT / "experiments" / "gpu_targets"
 DEFAULT_ROWS = ("resnet18:512:bfloat16:views", "resnet18:512:bfloat16:device",
-                "resnet18:512:bfloat16:views:vmap", "resnet18:512:float32:views")
+                "resnet18:512:bfloat16:views:batched", "resnet18:512:float32:views")
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": 1, "u4": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
                 "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
@@ -63,10 +63,10 @@ _CONV_TARGETS = {"__cudnn$convForward": "forward", "__cudnn$convBackwardInput": 
                  "__cudnn$convBackwardFilter": "backward filter", "__cudnn$convBiasActivationForward": "forward"}
 # Parts of the step, first match wins, on a kernel's op_name: the named scopes
 # of care_jax/train.py, then the model's forward (jvp) and backward (transpose
-# of the jvp) passes, sequential or vmapped over the views.
+# of the jvp) passes, sequential or batched over the views.
 PARTS = (("augment", r"/augment/"), ("optimizer", r"/optimizer/"), ("guard & metrics", r"/guard_and_metrics/"),
          ("loss backward", r"transpose\(jvp\(loss\)"), ("loss forward", r"jvp\(loss\)"),
-         ("model backward", r"transpose\(jvp\((vmap\()?ContrastiveModel"), ("model forward", r"ContrastiveModel"))
+         ("model backward", r"transpose\(jvp\(ContrastiveModel"), ("model forward", r"ContrastiveModel"))
 
 
 @dataclasses.dataclass

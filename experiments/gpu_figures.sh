@@ -65,7 +65,7 @@ else
   # B = 512 in all four (dtype, augment) cells, then the batch-size sweep in bf16.
   r18=(resnet18:512:bfloat16:device resnet18:512:float32:device resnet18:512:bfloat16:views
        resnet18:512:float32:views resnet18:256:bfloat16:device resnet18:1024:bfloat16:device
-       resnet18:512:bfloat16:device:vmap)
+       resnet18:512:bfloat16:device:batched)
   r50=(resnet50:512:bfloat16:device resnet50:512:float32:device resnet50:256:bfloat16:device
        resnet50:1024:bfloat16:device)
   # The quickstart run as `make demo` trains it; the random-init baseline's

@@ -25,7 +25,7 @@ ENTRY %main.1 (x: bf16[8,4,4,3], w: bf16[3,3,3,16], pred: pred[]) -> (bf16[8,4,4
   %y = bf16[8,4,4,16]{3,2,1,0} get-tuple-element(%conv), index=0
   %relu = bf16[8,4,4,16]{3,2,1,0} fusion(%y), kind=kLoop, calls=%fused, metadata={op_name="jit(train_step)/jvp(ContrastiveModel)/backbone/jit(relu)/max"}
   %dx = (bf16[8,4,4,3]{3,2,1,0}, u8[0]{0}) custom-call(%relu, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convBackwardInput", metadata={op_name="jit(train_step)/transpose(jvp(ContrastiveModel))/backbone/stem_conv/conv_general_dilated"}
-  %dw = (bf16[3,3,3,16]{3,2,1,0}, u8[0]{0}) custom-call(%x, %relu), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(train_step)/transpose(jvp(vmap(ContrastiveModel)))/backbone/stem_conv/conv_general_dilated"}
+  %dw = (bf16[3,3,3,16]{3,2,1,0}, u8[0]{0}) custom-call(%x, %relu), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convBackwardFilter", metadata={op_name="jit(train_step)/transpose(jvp(ContrastiveModel))/backbone/stem_conv/conv_general_dilated"}
   %c = f32[] conditional(%pred), true_computation=%fused, false_computation=%fused, metadata={op_name="jit(train_step)/jvp(loss)/cond"}
   ROOT %out = (bf16[8,4,4,16]{3,2,1,0}, f32[]) tuple(%relu, %c)
 }

@@ -58,27 +58,49 @@ class BatchNorm(nn.Module):
   image's mean (the variance does not depend on k; the gradient treats it as
   a constant), gives var = E[(x-k)^2] - E[x-k]^2 from one fused pass with
   cancellation of order |mean - k|^2 / var, i.e. none to speak of.
+
+  views = V > 1 (training only): the rows are V views of each image,
+  interleaved (row i V + v is view v of image i), and each view is normalised
+  with its own statistics, exactly as V passes of one view each would be; the
+  running averages end as those V passes in order leave them. Interleaving,
+  not stacking view after view, keeps each image's views on the device that
+  holds the image.
   """
   use_running_average: bool
   momentum: float = BATCHNORM_MOMENTUM
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  views: int = 1
 
   @nn.compact
   def __call__(self, x):
     features = (x.shape[-1],)
-    axes = tuple(range(x.ndim - 1))
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+    scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
     if self.use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      mean, var = _batch_moments(x, axes)
+      return self._normalise(x, ra_mean.value, ra_var.value, scale, bias)
+    views = self.views if not self.is_initializing() else 1
+    if views == 1:
+      mean, var = _batch_moments(x, tuple(range(x.ndim - 1)))
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+      return self._normalise(x, mean, var, scale, bias)
+    if x.shape[0] % views:
+      raise ValueError(f"BatchNorm: {x.shape[0]} rows do not hold {views} interleaved views of each image")
+    by_view = x.reshape((x.shape[0] // views, views) + x.shape[1:])  # [images, V, ..., C]
+    mean, var = _batch_moments(by_view, (0,) + tuple(range(2, by_view.ndim - 1)))  # [V, C] each
+    # V updates in order: m^V s + sum_v m^(V-1-v) (1 - m) stat_v.
+    m = self.momentum
+    weights = jnp.asarray([(1 - m) * m ** (views - 1 - v) for v in range(views)], jnp.float32)
+    ra_mean.value = m ** views * ra_mean.value + weights @ mean
+    ra_var.value = m ** views * ra_var.value + weights @ var
+    per_view = (1, views) + (1,) * (by_view.ndim - 3) + features
+    return self._normalise(by_view, mean.reshape(per_view), var.reshape(per_view), scale, bias).reshape(x.shape)
+
+  def _normalise(self, x, mean, var, scale, bias):
     return ((x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias).astype(self.dtype)
 
 
@@ -89,6 +111,7 @@ def _batch_moments(x, axes):
 
 
 def _batch_moments_fwd(x, axes):
+  """(mean, var), each shaped as x with `axes` dropped; axes[0] is the image axis."""
   x32 = x.astype(jnp.float32)
   # The shift: the first entry's mean along the reduced axes (for NHWC, the
   # first image's channel means), a constant near each channel's mean. On a
@@ -99,8 +122,9 @@ def _batch_moments_fwd(x, axes):
   # can make them one multi-output pass; a materialised x - shift read twice
   # cost as many bytes as the two-pass form.
   mean = jnp.mean(x32, axis=axes, keepdims=True)
-  var = jnp.maximum(0.0, jnp.mean(jnp.square(x32 - shift), axis=axes) - jnp.square(mean - shift).reshape(-1))
-  return (mean.reshape(-1), var), (x, mean)  # x in its own dtype: a bf16 residual stays bf16
+  var = jnp.mean(jnp.square(x32 - shift), axis=axes)
+  var = jnp.maximum(0.0, var - jnp.square(mean - shift).reshape(var.shape))
+  return (mean.reshape(var.shape), var), (x, mean)  # x in its own dtype: a bf16 residual stays bf16
 
 
 def _batch_moments_bwd(axes, residuals, cotangents):
@@ -116,8 +140,8 @@ def _batch_moments_bwd(axes, residuals, cotangents):
 _batch_moments.defvjp(_batch_moments_fwd, _batch_moments_bwd)
 
 
-def _norm(train: bool, dtype, name=None):
-  return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
+def _norm(train: bool, dtype, views: int = 1, name=None):
+  return BatchNorm(use_running_average=not train, dtype=dtype, views=views, name=name)
 
 
 def _conv(features, kernel, strides=1, dtype=jnp.float32, name=None):
@@ -127,13 +151,13 @@ def _conv(features, kernel, strides=1, dtype=jnp.float32, name=None):
                  param_dtype=jnp.float32, kernel_init=lecun_normal, name=name)
 
 
-def _shortcut(x, out: int, strides: int, train: bool, dtype):
+def _shortcut(x, out: int, strides: int, train: bool, dtype, views: int):
   """Identity, or a 1x1 projection + BatchNorm where the shape changes (call
   from inside a compact method: the modules join the calling block)."""
   if strides == 1 and x.shape[-1] == out:
     return x
   x = _conv(out, 1, strides, dtype, name="proj_conv")(x)
-  return _norm(train, dtype, name="proj_bn")(x)
+  return _norm(train, dtype, views, name="proj_bn")(x)
 
 
 class BasicBlock(nn.Module):
@@ -144,12 +168,12 @@ class BasicBlock(nn.Module):
   expansion = 1
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, views: int = 1):
     y = _conv(self.filters, 3, self.strides, self.dtype)(x)
-    y = nn.relu(_norm(train, self.dtype)(y))
+    y = nn.relu(_norm(train, self.dtype, views)(y))
     y = _conv(self.filters, 3, 1, self.dtype)(y)
-    y = _norm(train, self.dtype)(y)
-    return nn.relu(_shortcut(x, self.filters, self.strides, train, self.dtype) + y)
+    y = _norm(train, self.dtype, views)(y)
+    return nn.relu(_shortcut(x, self.filters, self.strides, train, self.dtype, views) + y)
 
 
 class Bottleneck(nn.Module):
@@ -160,16 +184,21 @@ class Bottleneck(nn.Module):
   expansion = 4
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, views: int = 1):
     out = self.filters * self.expansion
-    y = nn.relu(_norm(train, self.dtype)(_conv(self.filters, 1, 1, self.dtype)(x)))
-    y = nn.relu(_norm(train, self.dtype)(_conv(self.filters, 3, self.strides, self.dtype)(y)))
-    y = _norm(train, self.dtype)(_conv(out, 1, 1, self.dtype)(y))
-    return nn.relu(_shortcut(x, out, self.strides, train, self.dtype) + y)
+    y = nn.relu(_norm(train, self.dtype, views)(_conv(self.filters, 1, 1, self.dtype)(x)))
+    y = nn.relu(_norm(train, self.dtype, views)(_conv(self.filters, 3, self.strides, self.dtype)(y)))
+    y = _norm(train, self.dtype, views)(_conv(out, 1, 1, self.dtype)(y))
+    return nn.relu(_shortcut(x, out, self.strides, train, self.dtype, views) + y)
 
 
 class ResNet(nn.Module):
-  """Backbone: images [B, H, W, C] -> pooled features [B, F] (float32)."""
+  """Backbone: images [B, H, W, C] -> pooled features [B, F] (float32).
+
+  views = V > 1: the rows are V interleaved views of each image (row i V + v:
+  view v of image i) and every BatchNorm normalises each view with its own
+  statistics; see BatchNorm.
+  """
   stage_sizes: Sequence[int]
   block_cls: Any
   widths: Sequence[int]
@@ -177,19 +206,19 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, train: bool = False):
+  def __call__(self, images, train: bool = False, views: int = 1):
     x = jnp.asarray(images, self.dtype)
     if self.stem == "cifar":
       x = _conv(self.widths[0], 3, 1, self.dtype, name="stem_conv")(x)
     else:
       x = _conv(self.widths[0], 7, 2, self.dtype, name="stem_conv")(x)
-    x = nn.relu(_norm(train, self.dtype, name="stem_bn")(x))
+    x = nn.relu(_norm(train, self.dtype, views, name="stem_bn")(x))
     if self.stem == "imagenet":
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for i in range(blocks):
         strides = 2 if stage > 0 and i == 0 else 1
-        x = self.block_cls(width, strides, self.dtype)(x, train)
+        x = self.block_cls(width, strides, self.dtype)(x, train, views)
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
 
@@ -204,10 +233,10 @@ class ProjectionHead(nn.Module):
   batch_norm: bool = True
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, views: int = 1):
     x = nn.Dense(self.hidden_dim, use_bias=not self.batch_norm, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=lecun_normal)(x)
-    x = nn.relu(_norm(train, self.dtype)(x) if self.batch_norm else x)
+    x = nn.relu(_norm(train, self.dtype, views)(x) if self.batch_norm else x)
     return nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
                     kernel_init=lecun_normal)(x).astype(jnp.float32)
 
@@ -236,15 +265,17 @@ class ContrastiveModel(nn.Module):
   """Encoder f = embed(head(backbone(x))): returns (features, projections).
 
   geometry 'sphere' / 'symplectic': unit vectors; 'hyperboloid': the head
-  gives D - 1 numbers, lifted onto the D-dimensional hyperboloid.
+  gives D - 1 numbers, lifted onto the D-dimensional hyperboloid. views = V > 1
+  (training): the rows are V interleaved views of each image, each view
+  normalised by BatchNorm with its own statistics (as V separate calls would).
   """
   backbone: nn.Module
   head: nn.Module
   geometry: str = "sphere"
 
-  def __call__(self, images, train: bool = False):
-    features = self.backbone(images, train)
-    return features, EMBEDDINGS[self.geometry](self.head(features, train))
+  def __call__(self, images, train: bool = False, views: int = 1):
+    features = self.backbone(images, train, views)
+    return features, EMBEDDINGS[self.geometry](self.head(features, train, views))
 
 
 def _scaled_widths(width: float):
