@@ -27,9 +27,7 @@ MOCO_OBJECTIVES = ("moco", "moco_care")
 GEOMETRIES = ("sphere", "hyperboloid", "symplectic")
 EQUIVARIANCE_FORMS = {"sphere": None, "hyperboloid": "minkowski", "symplectic": "symplectic"}
 DTYPES = ("float32", "bfloat16")
-# sequential: one forward pass per view (the release); batched: one pass over the views
-# interleaved along the batch, with per-view BatchNorm statistics.
-VIEW_BATCHINGS = ("sequential", "batched")
+VIEW_BATCHINGS = ("sequential", "batched")  # what each means: at c.view_batching below
 AUGMENT_BACKENDS = ("tf", "device")
 # Datasets the input pipeline reads (besides npz:/folder: sources and other tfds names).
 KNOWN_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet2012", "imagenet100", "mnist",
