@@ -40,12 +40,17 @@ def test_keys_and_queue_get_no_gradient():
   np.testing.assert_array_equal(g_queue, 0.0)
 
 
-def _grouped_reference(model, variables, images, groups):
-  """Independent of moco.grouped_apply: one plain model.apply per group, in a loop."""
+def _train_apply(model):
+  """model.apply in train mode, jitted: op by op, a forward pass took seconds of tiny compiles."""
+  return jax.jit(lambda variables, x: model.apply(variables, x, train=True, mutable=["batch_stats"]))
+
+
+def _grouped_reference(apply, variables, images, groups):
+  """Independent of moco.grouped_apply: one plain forward (`_train_apply`) per group, in a loop."""
   n = len(images) // groups
   outs, stats = [], []
   for g in range(groups):
-    (_, z), upd = model.apply(variables, images[g * n:(g + 1) * n], train=True, mutable=["batch_stats"])
+    (_, z), upd = apply(variables, images[g * n:(g + 1) * n])
     outs.append(z)
     stats.append(upd["batch_stats"])
   return jnp.concatenate(outs), jax.tree.map(lambda *s: jnp.mean(jnp.stack(s), axis=0), *stats)
@@ -58,18 +63,21 @@ def test_shuffled_bn_changes_only_the_batchnorm_grouping():
   state = jax.device_get(_setup(config, jax.devices()[:1])[0])
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   perm = jax.random.permutation(jax.random.PRNGKey(3), len(images))
-  keys, stats = moco.key_forward(model, variables, images, 4, perm)
+  key_forward = jax.jit(lambda x, groups, perm: moco.key_forward(model, variables, x, groups, perm),
+                        static_argnums=1)
+  apply = _train_apply(model)
+  keys, stats = key_forward(images, 4, perm)
   # Row i's key is what a plain forward of ITS group of the permuted batch gives it.
-  ref, ref_stats = _grouped_reference(model, variables, images[perm], 4)
+  ref, ref_stats = _grouped_reference(apply, variables, images[perm], 4)
   np.testing.assert_allclose(keys, ref[jnp.argsort(perm)], rtol=1e-5, atol=5e-6)
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(ref_stats)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   # With one group the shuffle is invisible: the plain full-batch forward.
-  keys1, _ = moco.key_forward(model, variables, images, 1, perm)
-  (_, plain), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+  keys1, _ = key_forward(images, 1, perm)
+  (_, plain), _ = apply(variables, images)
   np.testing.assert_allclose(keys1, plain, rtol=1e-5, atol=5e-6)
   # With several groups it does change the keys (BatchNorm sees other rows).
-  unshuffled, _ = moco.key_forward(model, variables, images, 4, jnp.arange(len(images)))
+  unshuffled, _ = key_forward(images, 4, jnp.arange(len(images)))
   assert np.abs(np.asarray(unshuffled) - np.asarray(keys)).max() > 1e-3
 
 
@@ -110,13 +118,14 @@ def test_moco_step_gradient_is_that_of_the_loss_with_keys_held_fixed():
   key_vars = {"params": moco.momentum_update(state0.moco["params"], state0.params, config.moco_momentum),
               "batch_stats": state0.moco["batch_stats"]}
   perm = jax.random.permutation(jax.random.fold_in(state0.rng, 0), config.batch_size)
-  keys_shuffled, _ = _grouped_reference(model, key_vars, jnp.asarray(batch["x2"])[perm], 2)
+  apply = _train_apply(model)
+  keys_shuffled, _ = _grouped_reference(apply, key_vars, jnp.asarray(batch["x2"])[perm], 2)
   keys = keys_shuffled[jnp.argsort(perm)]
 
   def loss(params):
     stats, z = state0.batch_stats, {}
     for view in ("x1", "e1", "e2"):
-      z[view], stats = _grouped_reference(model, {"params": params, "batch_stats": stats},
+      z[view], stats = _grouped_reference(apply, {"params": params, "batch_stats": stats},
                                           jnp.asarray(batch[view]), 2)
     return (losses.moco_info_nce(z["x1"], keys, state0.moco["queue"], config.temperature)
             + 0.5 * losses.equivariance_loss(z["e1"], z["e2"], config.equiv_splits))

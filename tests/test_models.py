@@ -1,4 +1,6 @@
 """Models: parameter counts against torchvision's architecture, shapes, dtypes."""
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -34,6 +36,11 @@ def _torchvision_param_count(name, stem, width=1.0):
   return total
 
 
+def _jit(method, **static):
+  """A model's init or apply under jax.jit: op by op, a ResNet pass is hundreds of tiny compiles."""
+  return jax.jit(functools.partial(method, **static))
+
+
 def _count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
@@ -55,12 +62,12 @@ def test_parameter_counts_match_torchvision(name, stem):
 def test_shapes_and_train_mode_updates_batch_stats(stem, size, expect_hw):
   model = models.build_model("resnet18", stem, width=0.125, proj_hidden_dim=32, proj_dim=16)
   x = jax.random.normal(jax.random.key(1), (4, size, size, 3))
-  variables = model.init(jax.random.key(0), x, train=False)
-  feats, proj = model.apply(variables, x, train=False)
+  variables = _jit(model.init, train=False)(jax.random.key(0), x)
+  feats, proj = _jit(model.apply, train=False)(variables, x)
   chex.assert_shape(feats, (4, models.feature_dim("resnet18", 0.125)))
   chex.assert_shape(proj, (4, 16))
   np.testing.assert_allclose(jnp.linalg.norm(proj, axis=-1), 1.0, rtol=1e-5)
-  (_, _), updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  (_, _), updates = _jit(model.apply, train=True, mutable=["batch_stats"])(variables, x)
   before = jax.tree_util.tree_leaves(variables["batch_stats"])
   after = jax.tree_util.tree_leaves(updates["batch_stats"])
   assert any(not np.allclose(a, b) for a, b in zip(before, after))
@@ -70,10 +77,10 @@ def test_bfloat16_compute_is_close_to_float32_with_float32_params():
   f32 = models.build_model("resnet18", "cifar", width=0.25, proj_hidden_dim=32, proj_dim=16)
   bf16 = models.build_model("resnet18", "cifar", width=0.25, dtype=jnp.bfloat16, proj_hidden_dim=32, proj_dim=16)
   x = jax.random.uniform(jax.random.key(2), (8, 32, 32, 3))
-  variables = f32.init(jax.random.key(0), x, train=False)
-  chex.assert_trees_all_equal_dtypes(variables, bf16.init(jax.random.key(0), x, train=False))
-  a_feat, a_proj = f32.apply(variables, x, train=True, mutable=["batch_stats"])[0]
-  b_feat, b_proj = bf16.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+  variables = _jit(f32.init, train=False)(jax.random.key(0), x)
+  chex.assert_trees_all_equal_dtypes(variables, jax.eval_shape(lambda: bf16.init(jax.random.key(0), x, train=False)))
+  a_feat, a_proj = _jit(f32.apply, train=True, mutable=["batch_stats"])(variables, x)[0]
+  b_feat, b_proj = _jit(bf16.apply, train=True, mutable=["batch_stats"])(variables, x)[0]
   chex.assert_type(b_proj, jnp.float32)
   cos = jnp.sum(a_proj * b_proj, axis=-1)
   assert float(jnp.min(cos)) > 0.98, cos
@@ -128,8 +135,8 @@ def test_bad_names_and_widths():
 def test_hyperboloid_embeddings_lie_on_the_hyperboloid():
   model = resnet.build_model("resnet18", width=0.0625, proj_hidden_dim=16, proj_dim=8, geometry="hyperboloid")
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)
-  variables = model.init(jax.random.PRNGKey(0), x)
-  _, z = model.apply(variables, x)
+  variables = _jit(model.init)(jax.random.PRNGKey(0), x)
+  _, z = _jit(model.apply)(variables, x)
   assert z.shape == (4, 8)
   lorentz = -z[:, 0] ** 2 + jnp.sum(z[:, 1:] ** 2, axis=1)
   np.testing.assert_allclose(lorentz, -1.0, atol=1e-4)
