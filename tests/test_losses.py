@@ -133,7 +133,9 @@ def test_info_nce_gradient_matches_autodiff_and_finite_differences():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   with jax.enable_x64(True):
     z1d, z2d = jnp.float64(z1), jnp.float64(z2)
-    check_grads(lambda a, b: losses.info_nce(a, b, 0.3), (z1d, z2d), order=2, modes=["rev"])
+    # Jitted: check_grads evaluates f and its VJPs dozens of times, op by op
+    # each a handful of tiny compiles.
+    check_grads(jax.jit(lambda a, b: losses.info_nce(a, b, 0.3)), (z1d, z2d), order=2, modes=["rev"])
 
 
 def test_blockwise_info_nce_equals_materialised(monkeypatch):
@@ -348,7 +350,7 @@ def test_hyperbolic_info_nce_matches_brute_force():
   with jax.enable_x64(True):
     got = losses.hyperbolic_info_nce(jnp.asarray(z1), jnp.asarray(z2), 0.3)
     np.testing.assert_allclose(got, np_hyperbolic_info_nce(z1, z2, 0.3), rtol=1e-10)
-    check_grads(lambda a, b: losses.hyperbolic_info_nce(a, b, 0.3), (jnp.asarray(z1), jnp.asarray(z2)),
+    check_grads(jax.jit(lambda a, b: losses.hyperbolic_info_nce(a, b, 0.3)), (jnp.asarray(z1), jnp.asarray(z2)),
                 order=1, modes=["rev"], eps=1e-6)  # small step: arccosh is steep near 1
   # Isometries of the hyperboloid (a boost) leave the loss unchanged.
   boost = _lorentz_boost(4, rapidity=0.4)
@@ -362,10 +364,10 @@ def test_equivariance_gradients():
   with jax.enable_x64(True):
     for n, d in [(4, 5), (10, 3)]:  # direct and covariance paths
       z1, z2 = jnp.asarray(_sphere(rng, 2 * n, d)), jnp.asarray(_sphere(rng, 2 * n, d))
-      check_grads(lambda a, b: losses.equivariance_loss(a, b, 2, "minkowski"), (z1, z2), order=2, modes=["rev"])
-      check_grads(lambda a, b: losses.equivariance_loss(a, b, 2), (z1, z2), order=2, modes=["rev"])
+      check_grads(jax.jit(lambda a, b: losses.equivariance_loss(a, b, 2, "minkowski")), (z1, z2), order=2, modes=["rev"])
+      check_grads(jax.jit(lambda a, b: losses.equivariance_loss(a, b, 2)), (z1, z2), order=2, modes=["rev"])
       j = jnp.asarray(rng.normal(size=(d, d)))  # a general form gets a gradient too
-      check_grads(lambda m: losses.equivariance_loss(z1, z2, 2, m), (j,), order=1, modes=["rev"])
+      check_grads(jax.jit(lambda m: losses.equivariance_loss(z1, z2, 2, m)), (j,), order=1, modes=["rev"])
 
 
 def test_equivariance_dot_gradients_agree_across_paths():
