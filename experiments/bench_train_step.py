@@ -119,6 +119,12 @@ def model_flops(lowered) -> float | None:
     return None
 
 
+def compiled_cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled program (per device), as one dict; {} where the backend has none."""
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
 def host_cost_analysis(hlo_module) -> dict:
   """XLA's cost analysis of an HLO module (any backend's) by the host's CPU client."""
   from jax._src.lib import xla_client  # noqa: PLC0415 (private: callers guard or need it)
@@ -145,14 +151,13 @@ def jax_row(config, steps: int, repeats: int) -> dict:
   lowered = train.lower_train_step(step_fn, mesh, state, batch)
   compiled = lowered.compile()
   state = train.to_state_layouts(state, compiled)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = compiled_cost(compiled)
   flops = model_flops(lowered)
   if flops is None:
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    flops = float(cost.get("flops", 0.0))
   # XLA's count of bytes its ops read and write (fusions' operands and outputs):
   # over the HBM bandwidth, a lower bound on the step time from memory traffic.
-  bytes_accessed = float(cost.get("bytes accessed", 0.0)) if cost else 0.0
+  bytes_accessed = float(cost.get("bytes accessed", 0.0))
   holder = {"state": state}
 
   def run(n):

@@ -63,21 +63,20 @@ def test_shuffled_bn_changes_only_the_batchnorm_grouping():
   state = jax.device_get(_setup(config, jax.devices()[:1])[0])
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   perm = jax.random.permutation(jax.random.PRNGKey(3), len(images))
-  key_forward = jax.jit(lambda x, groups, perm: moco.key_forward(model, variables, x, groups, perm),
-                        static_argnums=1)
+  key_forward = jax.jit(lambda v, x, groups, perm: moco.key_forward(model, v, x, groups, perm), static_argnums=2)
   apply = _train_apply(model)
-  keys, stats = key_forward(images, 4, perm)
+  keys, stats = key_forward(variables, images, 4, perm)
   # Row i's key is what a plain forward of ITS group of the permuted batch gives it.
   ref, ref_stats = _grouped_reference(apply, variables, images[perm], 4)
   np.testing.assert_allclose(keys, ref[jnp.argsort(perm)], rtol=1e-5, atol=5e-6)
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(ref_stats)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   # With one group the shuffle is invisible: the plain full-batch forward.
-  keys1, _ = key_forward(images, 1, perm)
+  keys1, _ = key_forward(variables, images, 1, perm)
   (_, plain), _ = apply(variables, images)
   np.testing.assert_allclose(keys1, plain, rtol=1e-5, atol=5e-6)
   # With several groups it does change the keys (BatchNorm sees other rows).
-  unshuffled, _ = key_forward(images, 4, jnp.arange(len(images)))
+  unshuffled, _ = key_forward(variables, images, 4, jnp.arange(len(images)))
   assert np.abs(np.asarray(unshuffled) - np.asarray(keys)).max() > 1e-3
 
 
