@@ -300,7 +300,7 @@ def _parse_row(text: str):
   if augment not in ("views", "device"):
     raise SystemExit(f"--rows: augment {augment!r} in {text!r} must be 'views' or 'device'")
   if views not in config_lib.VIEW_BATCHINGS:
-    raise SystemExit(f"--rows: views {views!r} in {text!r} must be 'sequential' or 'batched'")
+    raise SystemExit(f"--rows: views {views!r} in {text!r} must be one of {', '.join(config_lib.VIEW_BATCHINGS)}")
   return model, int(batch), dtype, augment, views
 
 

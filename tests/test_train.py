@@ -216,11 +216,11 @@ def test_batched_views_equal_sequential_passes_including_batchnorm_statistics():
   seq_programs, batched_programs = {}, {}
   seq, m_seq = _run(config, jax.devices(), batch, programs=seq_programs)
   config.view_batching = "batched"
-  vm, m_vm = _run(config, jax.devices(), batch, programs=batched_programs)
+  batched, m_batched = _run(config, jax.devices(), batch, programs=batched_programs)
   for key in ("loss", "info_nce", "equivariance", "grad_norm"):
-    np.testing.assert_allclose(m_vm[key], m_seq[key], rtol=5e-5)
-  _assert_same_updates(vm.params, seq.params, state0.params)
-  _assert_same_updates(vm.batch_stats, seq.batch_stats, state0.batch_stats)
+    np.testing.assert_allclose(m_batched[key], m_seq[key], rtol=5e-5)
+  _assert_same_updates(batched.params, seq.params, state0.params)
+  _assert_same_updates(batched.batch_stats, seq.batch_stats, state0.batch_stats)
   # Both are data-parallel: the batched step does an eighth of the 1-device
   # work per device (test_one_and_eight_devices_...), and the sequential step
   # as much as it (a replicated step would do 8x).
