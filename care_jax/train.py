@@ -245,12 +245,14 @@ class DeviceFeed:
   Per epoch one permutation drawn on the device from (seed, epoch); step s
   takes rows [(s mod E) B, (s mod E + 1) B) of it (E steps per epoch, the
   remainder dropped as in the tf.data pipeline), so batches depend on the
-  step alone and a resumed run continues exactly. Only a step number crosses
-  from the host per step.
+  step alone and a resumed run continues exactly. Only the batch's first row
+  crosses from the host per step, as an explicit 4-byte transfer: the
+  training loop runs under jax.transfer_guard("disallow").
   """
 
   def __init__(self, images: np.ndarray, mesh: Mesh, seed: int, global_batch: int, steps_per_epoch: int):
-    self.images = jax.device_put(images, NamedSharding(mesh, P()))
+    self._replicated = NamedSharding(mesh, P())
+    self.images = jax.device_put(images, self._replicated)
     n, self._batch, self._steps_per_epoch = len(images), global_batch, steps_per_epoch
     key = jax.random.PRNGKey(seed)
     self._permutation = jax.jit(lambda epoch: jax.random.permutation(jax.random.fold_in(key, epoch), n))
@@ -263,8 +265,9 @@ class DeviceFeed:
   def batch(self, step: int) -> dict:
     epoch, index = divmod(int(step), self._steps_per_epoch)
     if epoch != self._epoch:
-      self._epoch, self._order = epoch, self._permutation(epoch)
-    return {"images": self._gather(self.images, self._order, index * self._batch)}
+      self._epoch, self._order = epoch, self._permutation(jax.device_put(np.int32(epoch), self._replicated))
+    offset = jax.device_put(np.int32(index * self._batch), self._replicated)
+    return {"images": self._gather(self.images, self._order, offset)}
 
 
 def jit_train_step(train_step, mesh: Mesh):
@@ -330,9 +333,17 @@ def make_embed_fn(model, mesh: Mesh):
 
 
 def global_batch_builder(mesh: Mesh) -> Callable[[np.ndarray], jax.Array]:
-  """Process-local rows -> one global array sharded along 'data'."""
+  """Process-local rows -> one global array sharded along 'data': the batch's own, intended transfer."""
   sharding = NamedSharding(mesh, P("data"))
-  return lambda local: jax.make_array_from_process_local_data(sharding, np.asarray(local))
+
+  def build(local):
+    # With several processes jax builds the array through make_array_from_callback,
+    # whose copies its transfer guard counts as implicit; the training loop's
+    # guard (transfer_guard("disallow")) must let this one through.
+    with jax.transfer_guard_host_to_device("allow"):
+      return jax.make_array_from_process_local_data(sharding, np.asarray(local))
+
+  return build
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -471,9 +482,14 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   try:
     step = start_step
     while step < last_step:
-      state, metrics = p_train_step(state, batch)
-      step += 1
-      batch = next_batch(step) if step < last_step else None
+      # Dispatching a step and fetching the next batch may move data only by
+      # explicit transfers (the batch's own); an implicit one here, say a NumPy
+      # array or Python number reaching a jitted call, would be a silent host
+      # round trip every step, so it raises instead.
+      with jax.transfer_guard("disallow"):
+        state, metrics = p_train_step(state, batch)
+        step += 1
+        batch = next_batch(step) if step < last_step else None
       window_steps += 1
       if pending is not None:
         _check_finite(*pending, last_good_save)

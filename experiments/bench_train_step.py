@@ -162,8 +162,9 @@ def jax_row(config, steps: int, repeats: int) -> dict:
 
   def run(n):
     s = holder["state"]
-    for _ in range(n):
-      s, metrics = compiled(s, batch)
+    with jax.transfer_guard("disallow"):  # as in the training loop: a timed step moves no data implicitly
+      for _ in range(n):
+        s, metrics = compiled(s, batch)
     jax.block_until_ready(metrics["loss"])
     holder["state"] = s
 

@@ -258,3 +258,31 @@ def test_compiled_step_takes_a_state_in_any_layout_and_keeps_its_own():
   assert [a.format.layout for a in jax.tree.leaves(new_state)] == [f.layout for f in wanted]
   assert bool(metrics["finite"])
   _assert_trees_close(jax.device_get(new_state.params), expected.params, rtol=1e-6, atol=1e-7)
+
+
+def test_device_feed_covers_each_epoch_once_resumes_exactly_and_moves_no_data_implicitly():
+  # Image i is filled with the value i, so a batch names the rows it holds.
+  n, batch_size = 50, 8
+  images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 2, 2, 3)).copy()
+  mesh = train.make_mesh(jax.devices())
+  steps_per_epoch = n // batch_size  # 6: the last 2 rows of each epoch's order are dropped
+  feed = train.DeviceFeed(images, mesh, seed=3, global_batch=batch_size, steps_per_epoch=steps_per_epoch)
+  # The training loop fetches batches under this guard: a Python number or
+  # NumPy array reaching a jitted call per step would raise here.
+  with jax.transfer_guard("disallow"):
+    batches = [feed.batch(step)["images"] for step in range(3 * steps_per_epoch)]
+  for b in batches:
+    assert b.shape == (batch_size, 2, 2, 3) and b.dtype == np.uint8
+    assert b.sharding.spec == jax.sharding.PartitionSpec("data")
+    assert len(b.addressable_shards) == 8 and all(s.data.shape[0] == 1 for s in b.addressable_shards)
+  rows = np.stack([np.asarray(b)[:, 0, 0, 0] for b in batches]).reshape(3, steps_per_epoch * batch_size)
+  assert np.all((np.asarray(batches[0]) == np.asarray(batches[0])[:, :1, :1, :1]))  # whole images, not mixed rows
+  for epoch in rows:
+    assert len(set(epoch.tolist())) == steps_per_epoch * batch_size  # no image twice within an epoch
+  assert not np.array_equal(rows[0], rows[1]) and not np.array_equal(rows[1], rows[2])  # reshuffled each epoch
+  # Batches depend on the step alone: a fresh feed (a resumed run) picks up mid-epoch exactly.
+  resumed = train.DeviceFeed(images, mesh, seed=3, global_batch=batch_size, steps_per_epoch=steps_per_epoch)
+  for step in (8, 9, 12):
+    np.testing.assert_array_equal(np.asarray(resumed.batch(step)["images"]), np.asarray(batches[step]))
+  other_seed = train.DeviceFeed(images, mesh, seed=4, global_batch=batch_size, steps_per_epoch=steps_per_epoch)
+  assert not np.array_equal(np.asarray(other_seed.batch(0)["images"]), np.asarray(batches[0]))
