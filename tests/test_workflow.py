@@ -7,6 +7,7 @@ import os
 import pathlib
 import re
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -269,25 +270,43 @@ def _metrics(workdir) -> dict:
   return {r["step"]: r for r in rows if "loss" in r}
 
 
-@needs_fashion_mnist
-def test_two_processes_with_jax_distributed_match_one_process(tmp_path):
-  # SGD: the update is linear in the gradient (Adam's first step, g / |g|, turns
-  # float noise in near-zero gradients into +-lr updates).
-  common = [SMOKE, "--config.num_train_steps=3", "--config.final_eval=False", "--config.checkpoint_every_steps=0",
-            "--config.optimizer=sgd", "--config.learning_rate=0.01"]
+def _two_processes(common, workdir):
+  """care_jax.main as two processes under jax.distributed (2 CPU devices each): their stderr."""
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, "-m", "care_jax.main", *common, f"--workdir={tmp_path / 'two'}",
-                             "--config.distributed=True", f"--config.coordinator_address=127.0.0.1:{port}",
-                             "--config.num_processes=2", f"--config.process_id={i}"],
+  procs = [subprocess.Popen([sys.executable, "-m", "care_jax.main", *common, f"--workdir={workdir}",
+                             "--config.distributed=True",
+                             f"--config.coordinator_address=127.0.0.1:{port}", "--config.num_processes=2",
+                             f"--config.process_id={i}"],
                             env=_env(devices=2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
+  return [err for _, err in outs]
+
+
+@needs_fashion_mnist
+def test_two_processes_with_jax_distributed_match_one_process_and_resume(tmp_path):
+  # SGD: the update is linear in the gradient (Adam's first step, g / |g|, turns
+  # float noise in near-zero gradients into +-lr updates).
+  common = [SMOKE, "--config.num_train_steps=3", "--config.final_eval=False", "--config.checkpoint_every_steps=2",
+            "--config.optimizer=sgd", "--config.learning_rate=0.01"]
+  _two_processes(common, tmp_path / "two")
+  uninterrupted = _metrics(tmp_path / "two")
+  # A pod preempted after step 3 but before its checkpoint was written: a new
+  # pair resumes from the one written at step 2 (each process saved its part)
+  # and must log exactly the step-3 numbers the first pair logged.
+  shutil.rmtree(tmp_path / "two" / "checkpoints" / "3")
+  errs = _two_processes(common, tmp_path / "two")
+  assert "(step 2)" in errs[0], errs[0][-2000:]  # process 0 logs for both
+  two = _metrics(tmp_path / "two")
+  assert sorted(uninterrupted) == sorted(two) == [1, 2, 3]
+  for key in ("loss", "grad_norm", "param_norm"):
+    assert two[3][key] == uninterrupted[3][key], key
   one = _main(*common, f"--workdir={tmp_path / 'one'}", devices=4)
   assert one.returncode == 0, one.stderr[-3000:]
-  two, single = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
-  assert sorted(two) == sorted(single) == [1, 2, 3]
+  single = _metrics(tmp_path / "one")
+  assert sorted(single) == [1, 2, 3]
   # Same global batch, views, BatchNorm statistics and negatives: the first
   # loss to float precision (a sharding mistake moves it by > 1e-3). Gradients
   # only to 1e-3: cross-process all-reduces sum in another order, and a ReLU
