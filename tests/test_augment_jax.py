@@ -60,3 +60,11 @@ def test_device_views_share_parameters_within_chunks_and_repeat_per_key():
   assert min(np.abs(x1[0] - x1[i]).max() for i in range(1, 8)) > 1e-3  # per image
   again = augment_jax.pretraining_views(jnp.asarray(images), jax.random.PRNGKey(5), CFG, num_chunks=2)
   np.testing.assert_allclose(np.asarray(again["e2"]), np.asarray(views["e2"]), atol=1e-5)
+  # The views are made in one interleaved apply; each must be what applying
+  # its own parameters (view v drawn from fold_in(key, v)) to the batch gives.
+  params = augment_jax.view_params(jax.random.PRNGKey(5), 8, 16, 16, CFG, num_chunks=2)
+  for v, name in enumerate(("x1", "x2", "e1", "e2")):
+    alone = jax.jit(augment_jax.apply, static_argnums=2)(jnp.asarray(images), params[v], CFG)
+    np.testing.assert_allclose(np.asarray(views[name]), np.asarray(alone), atol=1e-5, err_msg=name)
+  assert set(augment_jax.pretraining_views(jnp.asarray(images), jax.random.PRNGKey(5), CFG, num_chunks=2,
+                                           with_equivariance=False)) == {"x1", "x2"}
