@@ -245,9 +245,9 @@ class DeviceFeed:
   Per epoch one permutation drawn on the device from (seed, epoch); step s
   takes rows [(s mod E) B, (s mod E + 1) B) of it (E steps per epoch, the
   remainder dropped as in the tf.data pipeline), so batches depend on the
-  step alone and a resumed run continues exactly. Only the batch's first row
-  crosses from the host per step, as an explicit 4-byte transfer: the
-  training loop runs under jax.transfer_guard("disallow").
+  step alone and a resumed run continues exactly. Only the batch's offset in
+  the epoch's order crosses from the host per step, as an explicit 4-byte
+  transfer: the training loop runs under jax.transfer_guard("disallow").
   """
 
   def __init__(self, images: np.ndarray, mesh: Mesh, seed: int, global_batch: int, steps_per_epoch: int):
