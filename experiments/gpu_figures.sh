@@ -3,7 +3,9 @@
 #
 #   make gpu-carry                        # here, once: ml_collections wheel -> .whl/, Fashion-MNIST -> .gpu_data/
 #   run(command="bash experiments/gpu_figures.sh", carry=[".whl", ".gpu_data"], timeout_s=600)
-#   bash experiments/gpu_figures.sh resnet50   # a second call: just the stages left
+#   GPU_FIGURES_DEADLINE=S bash experiments/gpu_figures.sh profile resnet50
+#       # a second call, straight after: the stages the first skipped (tables.txt
+#       # names them), S = the lease's budget_left_s less ~30 s
 #
 # A lease is ~15 minutes of device time, start-up included, and one call at most
 # 10, while the full grids of bench_losses and bench_train_step would take far
@@ -17,13 +19,15 @@
 # under 60 s left (too little to compile and time a row) is skipped with the
 # command that runs it later.
 #
-# Stages (default: all, in this order): env, losses, resnet18, e2e, resnet50.
-# e2e pretrains the quickstart model on Fashion-MNIST with the device
+# Stages (default: all, in this order): env, losses, resnet18, e2e, profile, resnet50.
+# profile traces ResNet-18 B=512 bf16 steps (device views, one pass) with
+# jax.profiler and prints kernel time by part of the step and the top kernels
+# (experiments/profile_step.py). e2e pretrains the quickstart model on Fashion-MNIST with the device
 # augmentation backend (no TensorFlow) and prints epoch time and kNN accuracy
 # (experiments/run_summary.py); it reads the IDX files from .gpu_data/
 # (GPU_FIGURES_DATA to read them elsewhere).
 # GPU_FIGURES_SMOKE=1 runs the same plumbing at toy sizes on a CPU;
-# GPU_FIGURES_LOSSES_LIMIT / _STEP_LIMIT / _E2E_LIMIT override the stage limits.
+# GPU_FIGURES_LOSSES_LIMIT / _STEP_LIMIT / _E2E_LIMIT / _PROFILE_LIMIT override the stage limits.
 set -u
 cd "$(dirname "$0")/.."
 # A device call returns at most 8 files from $OUT, so everything goes into five:
@@ -36,7 +40,7 @@ TABLES=$OUT/tables.txt ERRORS=$OUT/errors.txt
 # Rows reach tables.txt as they print, even from a stage its limit kills.
 export PYTHONUNBUFFERED=1
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(env losses resnet18 e2e resnet50)
+[ ${#stages[@]} -gt 0 ] || stages=(env losses resnet18 e2e profile resnet50)
 t_start=$(date +%s)
 deadline=${GPU_FIGURES_DEADLINE:-570}
 
@@ -57,8 +61,9 @@ if [ -n "${GPU_FIGURES_SMOKE:-}" ]; then
   step_args=(--width 0.125 --steps 1 --repeats 1)
   r18=(resnet18:32:float32:device resnet18:32:bfloat16:views)
   r50=(resnet50:32:bfloat16:device)
+  profile_args=(--width 0.125 --steps 1 --rows resnet18:32:bfloat16:device:batched)
   e2e_preset=":smoke"
-  t_losses=120 t_step=300 t_e2e=120
+  t_losses=120 t_step=300 t_e2e=120 t_profile=120
 else
   loss_args=(--rounds 20)
   step_args=(--steps 10 --repeats 3)
@@ -68,15 +73,19 @@ else
        resnet18:512:bfloat16:device:batched)
   r50=(resnet50:512:bfloat16:device resnet50:512:float32:device resnet50:256:bfloat16:device
        resnet50:1024:bfloat16:device)
+  # The row the README's profile finding is about; its program is in the
+  # compilation cache from the resnet18 stage.
+  profile_args=(--steps 5 --top 15 --rows resnet18:512:bfloat16:device:batched)
   # The quickstart run as `make demo` trains it; the random-init baseline's
   # second evaluation is left out (the CPU figures in the README have it).
   e2e_preset=""
-  t_losses=150 t_step=210 t_e2e=180
+  t_losses=150 t_step=210 t_e2e=180 t_profile=90
 fi
 # Per-stage limits in seconds, to fit what is left of a lease.
 t_losses=${GPU_FIGURES_LOSSES_LIMIT:-$t_losses}
 t_step=${GPU_FIGURES_STEP_LIMIT:-$t_step}
 t_e2e=${GPU_FIGURES_E2E_LIMIT:-$t_e2e}
+t_profile=${GPU_FIGURES_PROFILE_LIMIT:-$t_profile}
 
 run_stage() {  # name, timeout, command...
   local name=$1 limit=$2; shift 2
@@ -130,8 +139,9 @@ for stage in "${stages[@]}"; do
     losses) run_stage losses "$t_losses" $PY -m experiments.bench_losses "${loss_args[@]}" ;;
     resnet18) run_stage resnet18 "$t_step" $PY -m experiments.bench_train_step "${step_args[@]}" --rows "${r18[@]}" ;;
     e2e) run_stage e2e "$t_e2e" bash -c e2e_run ;;
+    profile) run_stage profile "$t_profile" $PY -m experiments.profile_step "${profile_args[@]}" ;;
     resnet50) run_stage resnet50 "$t_step" $PY -m experiments.bench_train_step "${step_args[@]}" --rows "${r50[@]}" ;;
-    *) echo "gpu_figures: unknown stage '$stage'; use env, losses, resnet18, e2e, resnet50"; exit 2 ;;
+    *) echo "gpu_figures: unknown stage '$stage'; use env, losses, resnet18, e2e, profile, resnet50"; exit 2 ;;
   esac
 done
 

@@ -22,10 +22,10 @@ def _run(tmp_path, *stages, **env):
 
 
 def test_stages_without_time_left_are_skipped_with_the_command_that_runs_them(tmp_path):
-  proc, out = _run(tmp_path, "losses", "resnet18", "e2e", "resnet50", GPU_FIGURES_DEADLINE="30")
+  proc, out = _run(tmp_path, "losses", "resnet18", "e2e", "profile", "resnet50", GPU_FIGURES_DEADLINE="30")
   assert proc.returncode == 0, proc.stderr
   tables = (out / "tables.txt").read_text()
-  for stage in ("losses", "resnet18", "e2e", "resnet50"):
+  for stage in ("losses", "resnet18", "e2e", "profile", "resnet50"):
     assert f"=== {stage}: skipped" in tables and f"run it as: bash experiments/gpu_figures.sh {stage}" in tables
   assert sorted(p.name for p in out.iterdir()) == ["errors.txt", "tables.txt"]
 
@@ -38,5 +38,5 @@ def test_e2e_without_the_carried_data_says_what_to_carry_and_the_call_goes_on(tm
   assert "=== e2e: rc=2" in tables
   assert f"no Fashion-MNIST IDX files in {empty}/; run 'make gpu-carry' here and carry .gpu_data" in proc.stdout
   # An unknown stage stops the script with one line naming the known ones.
-  assert proc.returncode == 2 and "unknown stage 'bogus'; use env, losses, resnet18, e2e, resnet50" in proc.stdout
+  assert proc.returncode == 2 and "unknown stage 'bogus'; use env, losses, resnet18, e2e, profile, resnet50" in proc.stdout
   assert len(list(out.iterdir())) <= 8
