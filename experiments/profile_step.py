@@ -138,12 +138,11 @@ def latest_trace(trace_dir: pathlib.Path) -> dict:
     return json.load(f)
 
 
-def profile_row(row, width: float, steps: int, trace_dir: pathlib.Path) -> dict:
+def profile_config(config, steps: int, trace_dir: pathlib.Path) -> dict:
+  """Compiles config's train step for all devices and traces `steps` steps on random inputs."""
   from care_jax import train  # noqa: PLC0415
   from experiments import bench_train_step  # noqa: PLC0415
 
-  model_name, batch, dtype, augment, views = row
-  config = bench_train_step._config(model_name, width, batch, dtype, augment, views)
   mesh = train.make_mesh()
   model, tx, step_fn = bench_train_step.model_and_step(config)
   state = train.create_train_state(model, tx, config, mesh)
@@ -196,7 +195,8 @@ def main(argv=None):
   for row in rows:
     name = ":".join(str(x) for x in row)
     try:
-      r = profile_row(row, args.width, args.steps, pathlib.Path(args.trace_dir) / name.replace(":", "_"))
+      config = bench_train_step._config(row[0], args.width, *row[1:])
+      r = profile_config(config, args.steps, pathlib.Path(args.trace_dir) / name.replace(":", "_"))
     except Exception as err:  # noqa: BLE001 (one row's failure, e.g. out of memory, leaves the others)
       print(f"{name:<40} failed: {str(err).splitlines()[0][:160] if str(err) else type(err).__name__}")
       continue
