@@ -143,14 +143,20 @@ def model_and_step(config) -> tuple:
   return model, tx, step_fn
 
 
-def jax_row(config, steps: int, repeats: int) -> dict:
+def compiled_step(config) -> tuple:
+  """(lowered, compiled, state, batch): a row's step compiled for all devices, its state placed for it
+  and a random batch; what the timing here and experiments/profile_step.py run."""
   mesh = train.make_mesh()
   model, tx, step_fn = model_and_step(config)
   state = train.create_train_state(model, tx, config, mesh)
   batch = _inputs(config, mesh)
   lowered = train.lower_train_step(step_fn, mesh, state, batch)
   compiled = lowered.compile()
-  state = train.to_state_layouts(state, compiled)
+  return lowered, compiled, train.to_state_layouts(state, compiled), batch
+
+
+def jax_row(config, steps: int, repeats: int) -> dict:
+  lowered, compiled, state, batch = compiled_step(config)
   cost = compiled_cost(compiled)
   flops = model_flops(lowered)
   if flops is None:

@@ -172,9 +172,12 @@ def kernel_kind(inst: Instruction) -> str:
   return inst.opcode
 
 
-def part_of(inst: Instruction) -> str:
-  op_name = inst.attribute("op_name") or ""
+def part_of_op_name(op_name: str) -> str:
   return next((part for part, pattern in PARTS if re.search(pattern, op_name)), "other")
+
+
+def part_of(inst: Instruction) -> str:
+  return part_of_op_name(inst.attribute("op_name") or "")
 
 
 def profile(hlo_text: str) -> dict:

@@ -99,11 +99,10 @@ def op_parts(hlo_text: str) -> dict:
     last = op_name.group(1) if op_name else last
     if computation and line.lstrip().startswith("ROOT ") and last:
       roots[computation] = last
-  part = lambda op_name: next((p for p, pattern in gpu_aot_profile.PARTS if re.search(pattern, op_name)), "other")
   parts = {}
   for inst in gpu_aot_profile.parse_entry(hlo_text):
     op_name = inst.attribute("op_name") or roots.get((inst.attribute("calls") or "").lstrip("%"), "")
-    parts[inst.name] = part(op_name)
+    parts[inst.name] = gpu_aot_profile.part_of_op_name(op_name)
   return parts
 
 
@@ -140,15 +139,9 @@ def latest_trace(trace_dir: pathlib.Path) -> dict:
 
 def profile_config(config, steps: int, trace_dir: pathlib.Path) -> dict:
   """Compiles config's train step for all devices and traces `steps` steps on random inputs."""
-  from care_jax import train  # noqa: PLC0415
   from experiments import bench_train_step  # noqa: PLC0415
 
-  mesh = train.make_mesh()
-  model, tx, step_fn = bench_train_step.model_and_step(config)
-  state = train.create_train_state(model, tx, config, mesh)
-  inputs = bench_train_step._inputs(config, mesh)
-  compiled = train.lower_train_step(step_fn, mesh, state, inputs).compile()
-  state = train.to_state_layouts(state, compiled)
+  _, compiled, state, inputs = bench_train_step.compiled_step(config)
   for _ in range(2):  # warm-up: first-run allocations and autotuning stay out of the trace
     state, metrics = compiled(state, inputs)
   jax.block_until_ready(metrics)

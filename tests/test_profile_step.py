@@ -5,12 +5,8 @@ trace in the Chrome format jax's profiler writes (device processes, derived
 lines, host events); the CPU run checks the accounting on a real trace.
 """
 
-import pathlib
-
-from care_jax import config_lib
 from experiments import profile_step
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.test_train import _one_step_sgd_config
 
 
 def test_busy_time_is_the_length_of_the_union_of_intervals():
@@ -42,10 +38,7 @@ def test_kernels_are_the_device_streams_events_without_the_derived_lines():
 
 def test_a_traced_cpu_step_accounts_for_its_kernels_by_part(tmp_path):
   # test_train's [care] config: its 8-device step is in the compilation cache.
-  config = config_lib.load_config_file(ROOT / "configs" / "quickstart.py", "smoke")
-  config.update(dict(num_train_steps=10, optimizer="sgd", learning_rate=0.05, weight_decay=1e-3, objective="care",
-                     equiv_weight=0.5))
-  r = profile_step.profile_config(config, steps=2, trace_dir=tmp_path)
+  r = profile_step.profile_config(_one_step_sgd_config(), steps=2, trace_dir=tmp_path)
   assert r["kernels"] > 100  # every op of the step, once a step
   assert abs(sum(ms for _, ms in r["parts"].values()) - r["kernel_ms"]) < 1e-6 * max(1.0, r["kernel_ms"])
   assert 0.0 < r["busy_ms"] <= r["kernel_ms"] + 1e-9  # a union is at most the sum

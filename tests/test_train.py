@@ -21,6 +21,16 @@ def _tiny_config(**overrides):
   return c
 
 
+def _one_step_sgd_config(objective="care", **overrides):
+  """_tiny_config under SGD with momentum and weight decay, as the 1-vs-8-device test compares it.
+
+  Tests that compile its batched 8-device step share the program through the
+  persistent compilation cache (batched-vs-sequential, test_profile_step).
+  """
+  return _tiny_config(optimizer="sgd", learning_rate=0.05, weight_decay=1e-3, objective=objective,
+                      equiv_weight=0.5, **overrides)
+
+
 def _batch(config, seed=0):
   rng = np.random.default_rng(seed)
   shape = (config.batch_size, config.image_size, config.image_size, 3)
@@ -77,8 +87,7 @@ def test_one_and_eight_devices_give_same_loss_gradients_and_updates(objective):
   # momentum and weight decay; after one step the momentum buffer IS the
   # gradient, so comparing opt_state compares gradients. (A second step
   # amplifies round-off through BatchNorm to ~1e-3 on these 4-channel nets.)
-  config = _tiny_config(optimizer="sgd", learning_rate=0.05, weight_decay=1e-3, objective=objective,
-                        equiv_weight=0.5)
+  config = _one_step_sgd_config(objective)
   batch = _batch(config)
   state0 = jax.device_get(_setup(config, jax.devices()[:1])[0])
   one_device, eight_devices = {}, {}
@@ -209,8 +218,7 @@ def _flops(compiled) -> float:
 def test_batched_views_equal_sequential_passes_including_batchnorm_statistics():
   # The config of test_one_and_eight_devices_...[care]: its batched 8-device
   # step is this test's too (one compilation, shared through the cache).
-  config = _tiny_config(optimizer="sgd", learning_rate=0.05, weight_decay=1e-3, objective="care",
-                        equiv_weight=0.5, view_batching="sequential")
+  config = _one_step_sgd_config(view_batching="sequential")
   batch = _batch(config, seed=4)
   state0 = jax.device_get(_setup(config, jax.devices()[:1])[0])
   seq_programs, batched_programs = {}, {}
