@@ -323,16 +323,16 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
   @_graph_only
   def views(step, batch):
     out = {"labels": batch["labels"], "step": step}
+    rows = offset + tf.range(local)
     for view, v in (("x1", 0), ("x2", 1)):
-      p = augment.slice_params(augment.sample_params(augment.view_seed(seed, step, v), global_batch, size, size, aug),
-                               offset, local)
+      p = augment.params_for_rows(augment.sample_params(augment.view_seed(seed, step, v), global_batch, size, size, aug),
+                                  rows)
       p["crop"] = tf.tile(whole[None], [local, 1])  # already cropped per image
       out[view] = augment.apply(batch[view], p, aug)
     if with_equivariance:
-      n = global_batch // num_chunks
       for view, v in (("e1", 2), ("e2", 3)):
         p = augment.sample_params(augment.view_seed(seed, step, v), num_chunks, size, size, aug, crop=aug.equiv_crop)
-        out[view] = augment.apply(batch["e"], augment.slice_params(augment.repeat_params(p, n), offset, local), aug)
+        out[view] = augment.apply(batch["e"], augment.params_for_rows(p, rows, global_batch // num_chunks), aug)
     return out
 
   ds = ds.enumerate(start_step).map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -39,7 +39,7 @@ def _crop_flip_pipeline(images, cfg, *, batch, num_steps):
     out = {}
     for view, count in enumerate((batch, batch, batch // 16, batch // 16)):
       p = augment.sample_params(augment.view_seed(0, step, view), count, size, size, cfg)
-      p = augment.repeat_params(p, batch // count)
+      p = augment.params_for_rows(p, tf.range(batch), batch // count)
       out[f"v{view}"] = augment.crop_resize(x, p["crop"], cfg.image_size, flip=p["flip"]) * scale + shift
     return out
 

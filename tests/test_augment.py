@@ -134,6 +134,19 @@ def test_same_seed_and_step_same_views_and_process_slices_agree():
     np.testing.assert_allclose(np.concatenate([h[k].numpy() for h in halves]), a[k].numpy(), atol=1e-6)
 
 
+def test_each_view_is_a_separate_apply_of_its_own_parameters():
+  # pretraining_views stacks the views into one apply: each must still be what
+  # apply gives its images under ITS parameters, drawn and laid out here with
+  # NumPy (process 1 of 2: rows 4..7 of a batch of 8 in 2 chunks of 4).
+  x, step = _images(4, seed=1), 3
+  views = _views(x, step, offset=4)
+  for name, view, sets in (("x1", 0, 8), ("x2", 1, 8), ("e1", 2, 2), ("e2", 3, 2)):
+    drawn = augment.sample_params(augment.view_seed(5, step, view), sets, 16, 16, CFG)
+    set_of_row = np.arange(4, 8) // (8 // sets)
+    own = {k: tf.constant(v.numpy()[set_of_row]) for k, v in drawn.items()}
+    np.testing.assert_allclose(views[name].numpy(), augment.apply(x, own, CFG).numpy(), atol=1e-6, err_msg=name)
+
+
 def test_equivariance_views_can_skip_the_crop():
   cfg = augment.AugmentConfig(image_size=16, equiv_crop=False)
   p = augment.sample_params(tf.constant([0, 1], tf.int64), 50, 16, 16, cfg, crop=False)
