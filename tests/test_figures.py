@@ -1,8 +1,10 @@
 """The figure scripts end to end at --scale=smoke: runs shared, JSON and PNG written.
 
-Pretraining seed 0 of each variant is a real smoke run; seed 1 is a finished
-run's report.json written beforehand with known numbers, which the scripts
-must reuse (as they reuse any finished run) and aggregate with seed 0's.
+Pretraining seed 0 of CARE and of the swept L_equi + L_unif weight is a real
+smoke run; every other run (seed 1 of each variant, and SimCLR's seed 0: its
+objective's training is test_train's) is a finished run's report.json written
+beforehand with known numbers, which the scripts must reuse (as they reuse any
+finished run) and aggregate with the real runs'.
 """
 
 import json
@@ -19,6 +21,7 @@ needs_fashion_mnist = pytest.mark.skipif(
 
 # Seed 1's known numbers: probe top-1 and the three Wahba trials' errors.
 SEED1 = {"simclr": (41.0, [3.0, 4.0, 5.0]), "care": (43.0, [1.0, 2.0, 6.0]), "equi_unif-w0.5": (37.0, [2.0, 2.0, 2.0])}
+SIMCLR_SEED0 = (39.0, [4.0, 5.0, 7.0])
 RANDOM_INIT_SEED1 = 23.0
 
 
@@ -32,11 +35,14 @@ def _finished_report(probe_top1: float, wahba: list) -> dict:
 
 @needs_fashion_mnist
 def test_figure_scripts_run_share_their_runs_and_write_json_and_png(tmp_path, capsys):
-  from experiments import fig2_ablation, fig3_wahba, fig4_linear_probe
+  from experiments import fig2_ablation, fig3_wahba, fig4_linear_probe, paper_runs
+  simclr = paper_runs.variant_config("smoke", "simclr")  # what SimCLR's seed 0 would train
+  assert simclr.objective == "simclr" and simclr.equiv_weight == 0
   runs_dir = tmp_path / "runs" / "smoke"
-  for name, (probe, wahba) in SEED1.items():
-    (runs_dir / f"{name}-seed1").mkdir(parents=True)
-    (runs_dir / f"{name}-seed1" / "report.json").write_text(json.dumps(_finished_report(probe, wahba)))
+  finished = {f"{name}-seed1": known for name, known in SEED1.items()} | {"simclr-seed0": SIMCLR_SEED0}
+  for run, (probe, wahba) in finished.items():
+    (runs_dir / run).mkdir(parents=True)
+    (runs_dir / run / "report.json").write_text(json.dumps(_finished_report(probe, wahba)))
   random_init = {"knn_top1": 30.0, "linear_probe_top1": RANDOM_INIT_SEED1, "std": 0.5, "seed": 1,
                  "linear_probe": {"top1": RANDOM_INIT_SEED1, "top1_std": 0.5, "top1_per_seed": [RANDOM_INIT_SEED1] * 2}}
   (runs_dir / "random_init-seed1.json").write_text(json.dumps(random_init))
@@ -44,7 +50,7 @@ def test_figure_scripts_run_share_their_runs_and_write_json_and_png(tmp_path, ca
   common = ["--scale=smoke", f"--results={tmp_path}", "--pretrain_seeds=2"]
   fig2 = fig2_ablation.main(common + ["--equi_unif_weights", "0.5"])
   err = capsys.readouterr().err
-  assert err.count("pretraining") == 3 and err.count("reusing") == 3  # seed 0 trained, seed 1 reused
+  assert err.count("pretraining") == 2 and err.count("reusing") == 4  # care, equi_unif seed 0 trained
   assert sorted(p.name for p in runs_dir.iterdir()) == [
       "care-seed0", "care-seed1", "equi_unif-w0.5-seed0", "equi_unif-w0.5-seed1",
       "random_init-seed1.json", "random_init.json", "simclr-seed0", "simclr-seed1"]
@@ -54,7 +60,8 @@ def test_figure_scripts_run_share_their_runs_and_write_json_and_png(tmp_path, ca
   assert set(fig2["equi_unif_sweep"]) == {"0.5"} and fig2["equi_unif"] == fig2["equi_unif_sweep"]["0.5"]
   for name in ("simclr", "care", "equi_unif-w0.5"):
     seed0 = json.loads((runs_dir / f"{name}-seed0" / "report.json").read_text())
-    assert seed0["knn"]["bank_size"] == 2048 and seed0["knn"]["num_queries"] == 1024
+    if name != "simclr":  # a real run's report
+      assert seed0["knn"]["bank_size"] == 2048 and seed0["knn"]["num_queries"] == 1024
     probe = [seed0["linear_probe"]["top1"], SEED1[name][0]]
     bar = fig2[name.split("-")[0]]
     assert bar["per_pretrain_seed"] == probe
@@ -69,6 +76,7 @@ def test_figure_scripts_run_share_their_runs_and_write_json_and_png(tmp_path, ca
     assert fig4[name] == fig2[name]  # one summary of the same runs
     # Trials in [pretraining seed, trial] order: seed 1's are the known ones.
     assert len(fig3["per_trial"][name]) == 2 * 3 and fig3["per_trial"][name][3:] == SEED1[name][1]
+  assert fig3["per_trial"]["simclr"][:3] == SIMCLR_SEED0[1]
   care, simclr = np.array(fig3["per_trial"]["care"]), np.array(fig3["per_trial"]["simclr"])
   assert fig3["care_below_simclr_fraction"] == pytest.approx(np.mean(care < simclr))
   assert fig3["care_wahba_error_max"] == care.max() and fig3["care_wahba_error_mean_per_pretrain_seed"][1] == 3.0
