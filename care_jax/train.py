@@ -530,6 +530,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   finally:
     stop.uninstall()
     ckpt.close()
+    batches = next_batch = None  # training is over: release the input pipeline (threads, prefetched batches)
 
   if status == "preempted" or step < durations.total_steps:
     writer.note(f"stopped at step {step} with a checkpoint; rerun the same command to resume")
