@@ -112,8 +112,10 @@ def test_one_and_eight_devices_give_same_loss_gradients_and_updates(objective):
 
 def test_sgd_update_is_minus_lr_times_gradient_of_the_global_loss():
   # Independent of the sharded program: jax.grad of the plain (unsharded)
-  # loss of the same four views.
-  config = _tiny_config(optimizer="sgd", learning_rate=0.1, weight_decay=0.0, momentum=0.0)
+  # loss of the same four views. The first SGD step: the momentum buffer is
+  # the gradient, and weight decay adds wd * w on kernels only (torch's
+  # weight_decay; BatchNorm and bias vectors are not decayed).
+  config = _one_step_sgd_config()
   batch = _batch(config, seed=3)
   state0, _, _ = _setup(config, jax.devices()[:1])
   state0 = jax.device_get(state0)
@@ -129,7 +131,8 @@ def test_sgd_update_is_minus_lr_times_gradient_of_the_global_loss():
                             equiv_weight=config.equiv_weight, num_chunks=config.equiv_splits)[0]
 
   grads = jax.jit(jax.grad(loss))(state0.params)  # jit: eager op-by-op took a minute
-  expected = jax.tree.map(lambda p, g: p - 0.1 * g, state0.params, grads)
+  lr, wd = config.learning_rate, config.weight_decay
+  expected = jax.tree.map(lambda p, g: p - lr * (g + (wd * p if p.ndim > 1 else 0.0)), state0.params, grads)
   state8, _ = _run(config, jax.devices(), batch)
   _assert_trees_close(state8.params, expected, rtol=1e-4, atol=1e-6)
 
@@ -191,7 +194,9 @@ def test_warmup_then_cosine_schedule_values():
 
 @pytest.mark.parametrize("name", ["adam", "sgd", "lars"])
 def test_each_optimizer_takes_a_finite_step(name):
-  config = _tiny_config(optimizer=name, learning_rate=0.01 if name != "lars" else 0.1)
+  # Adam and SGD as other tests here configure them, so their steps come from the compilation cache.
+  config = {"adam": _tiny_config(learning_rate=3e-3), "sgd": _one_step_sgd_config(),
+            "lars": _tiny_config(optimizer="lars", learning_rate=0.1)}[name]
   state, metrics = _run(config, jax.devices(), _batch(config))
   assert bool(metrics["finite"]) and int(state.step) == 1
 
@@ -243,7 +248,7 @@ def test_compiled_step_takes_a_state_in_any_layout_and_keeps_its_own():
   # step returns it in them, so the loop relayouts at most once.
   from jax.experimental.layout import Format, Layout
 
-  config = _tiny_config(optimizer="sgd", learning_rate=0.05)
+  config = _one_step_sgd_config()  # its 1-device step is test_one_and_eight_devices_...[care]'s
   batch = _batch(config, seed=2)
   expected, _ = _run(config, jax.devices()[:1], batch)
   mesh = train.make_mesh(jax.devices()[:1])
