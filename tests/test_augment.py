@@ -135,9 +135,10 @@ def test_same_seed_and_step_same_views_and_process_slices_agree():
 
 
 def test_each_view_is_a_separate_apply_of_its_own_parameters():
-  # pretraining_views stacks the views into one apply: each must still be what
-  # apply gives its images under ITS parameters, drawn and laid out here with
-  # NumPy (process 1 of 2: rows 4..7 of a batch of 8 in 2 chunks of 4).
+  # pretraining_views gathers each view's parameters for this process's rows:
+  # each view must be what apply gives its images under ITS parameters, here
+  # drawn for the global batch and laid out with NumPy (process 1 of 2: rows
+  # 4..7 of a batch of 8 in 2 chunks of 4).
   x, step = _images(4, seed=1), 3
   views = _views(x, step, offset=4)
   for name, view, sets in (("x1", 0, 8), ("x2", 1, 8), ("e1", 2, 2), ("e2", 3, 2)):
