@@ -253,6 +253,20 @@ def view_seed(seed: int, step, view: int):
   return tf.random.experimental.stateless_fold_in(base, view)
 
 
+def view_params(seed: int, step, height, width, cfg: AugmentConfig, *, global_batch: int, num_chunks: int,
+                rows, with_equivariance: bool = True) -> dict:
+  """{view name: its parameters for global batch rows `rows`} of one step, view v drawn from
+  view_seed(seed, step, v): x1, x2 one set per image of the global batch, e1, e2 one set
+  per chunk of global_batch / num_chunks consecutive images."""
+  params = {name: params_for_rows(sample_params(view_seed(seed, step, view), global_batch, height, width, cfg), rows)
+            for name, view in (("x1", 0), ("x2", 1))}
+  if with_equivariance:
+    for name, view in (("e1", 2), ("e2", 3)):
+      chunk_params = sample_params(view_seed(seed, step, view), num_chunks, height, width, cfg, crop=cfg.equiv_crop)
+      params[name] = params_for_rows(chunk_params, rows, global_batch // num_chunks)
+  return params
+
+
 def pretraining_views(images, seed: int, step, cfg: AugmentConfig, *, global_batch: int,
                       num_chunks: int, offset, with_equivariance: bool = True):
   """The four views of this process's rows [offset, offset + B_local) of a global batch.
@@ -261,14 +275,8 @@ def pretraining_views(images, seed: int, step, cfg: AugmentConfig, *, global_bat
   n = global_batch / num_chunks images. Returns a dict of float32 tensors.
   """
   shape = tf.shape(images)
-  h, w = shape[1], shape[2]
-  rows = offset + tf.range(shape[0])
-  params = {name: params_for_rows(sample_params(view_seed(seed, step, view), global_batch, h, w, cfg), rows)
-            for name, view in (("x1", 0), ("x2", 1))}
-  if with_equivariance:
-    for name, view in (("e1", 2), ("e2", 3)):
-      chunk_params = sample_params(view_seed(seed, step, view), num_chunks, h, w, cfg, crop=cfg.equiv_crop)
-      params[name] = params_for_rows(chunk_params, rows, global_batch // num_chunks)
+  params = view_params(seed, step, shape[1], shape[2], cfg, global_batch=global_batch, num_chunks=num_chunks,
+                       rows=offset + tf.range(shape[0]), with_equivariance=with_equivariance)
   # One apply per view, not one of the stacked views: tf.data runs the four
   # independent applies side by side (4.7k against 4.1k images/s on 2 cores,
   # experiments/bench_input.py).

@@ -327,18 +327,13 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
 
   @_graph_only
   def views(step, batch):
-    out = {"labels": batch["labels"], "step": step}
-    rows = offset + tf.range(local)
-    for view, v in (("x1", 0), ("x2", 1)):
-      p = augment.params_for_rows(augment.sample_params(augment.view_seed(seed, step, v), global_batch, size, size, aug),
-                                  rows)
-      p["crop"] = tf.tile(whole[None], [local, 1])  # already cropped per image
-      out[view] = augment.apply(batch[view], p, aug)
-    if with_equivariance:
-      for view, v in (("e1", 2), ("e2", 3)):
-        p = augment.sample_params(augment.view_seed(seed, step, v), num_chunks, size, size, aug, crop=aug.equiv_crop)
-        out[view] = augment.apply(batch["e"], augment.params_for_rows(p, rows, global_batch // num_chunks), aug)
-    return out
+    params = augment.view_params(seed, step, size, size, aug, global_batch=global_batch, num_chunks=num_chunks,
+                                 rows=offset + tf.range(local), with_equivariance=with_equivariance)
+    for view in ("x1", "x2"):  # already cropped per image, each to its own box
+      params[view]["crop"] = tf.tile(whole[None], [local, 1])
+    sources = {"x1": batch["x1"], "x2": batch["x2"], "e1": batch["e"], "e2": batch["e"]}
+    out = {view: augment.apply(sources[view], p, aug) for view, p in params.items()}
+    return {**out, "labels": batch["labels"], "step": step}
 
   ds = ds.enumerate(start_step).map(views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if num_steps is not None:

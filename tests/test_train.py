@@ -24,8 +24,9 @@ def _tiny_config(**overrides):
 def _one_step_sgd_config(objective="care", **overrides):
   """_tiny_config under SGD with momentum and weight decay, as the 1-vs-8-device test compares it.
 
-  Tests that compile its batched 8-device step share the program through the
-  persistent compilation cache (batched-vs-sequential, test_profile_step).
+  Tests that compile its 1- or 8-device step share the program through the
+  persistent compilation cache (batched-vs-sequential, the SGD gradient,
+  layout and finite-step tests, test_profile_step).
   """
   return _tiny_config(optimizer="sgd", learning_rate=0.05, weight_decay=1e-3, objective=objective,
                       equiv_weight=0.5, **overrides)
