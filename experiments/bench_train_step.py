@@ -24,7 +24,10 @@ forward passes, its loss formulation, Adam, fp32 eager); it is timed once per
 Memory: both frameworks share one GPU in this process, so all the references
 are timed first, each freeing what it held, and JAX allocates on demand
 (XLA_PYTHON_CLIENT_PREALLOCATE=false) instead of taking 75% of the device at
-start. A row that runs out of device memory prints "(mem)" and the run goes on.
+start. A row that runs out of device memory prints "(mem)" and the run goes on;
+a row (or reference) that fails otherwise prints "failed:" and its error's
+first line, its traceback goes to stderr, the other rows still run (a short
+GPU lease keeps what did run) and the exit status is 1.
 The CIFAR-10 CARE config (configs/cifar10_care.py) supplies everything else.
 Timings: steps run back to back, the clock read after blocking on the last
 one, median of --repeats windows; only the ratios of one run are comparable.
@@ -40,7 +43,9 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import pathlib  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -205,17 +210,28 @@ def is_out_of_memory(err: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
+OUT_OF_MEMORY = "out of device memory"
+
+
+def failure_note(err: BaseException) -> str:
+  """What a table says of a row that raised: 'out of device memory', or 'failed: ' and the
+  error's first line, with the traceback on stderr (a bug must not pass for a full device)."""
+  if is_out_of_memory(err):
+    return OUT_OF_MEMORY
+  traceback.print_exception(err, file=sys.stderr)
+  first = str(err).splitlines()[0][:160] if str(err) else ""
+  return f"failed: {type(err).__name__}" + (f": {first}" if first else "")
+
+
 def reference_rows(torch, pairs, width: float, steps: int, repeats: int) -> dict:
-  """(model, B) -> the reference step's ms (None where it ran out of memory), printed as measured."""
+  """(model, B) -> the reference step's ms, or failure_note's note where it raised; printed as measured."""
   out = {}
   for model, batch in pairs:
     try:
-      out[model, batch], device = torch_row(torch, _config(model, width, batch, "float32", "views"), steps, repeats)
-      note = f"{out[model, batch]:.1f} ms/step, {batch / out[model, batch] * 1e3:.0f} img/s ({device})"
-    except RuntimeError as err:  # torch.OutOfMemoryError is one
-      if not is_out_of_memory(err):
-        raise
-      out[model, batch], note = None, "out of device memory"
+      ms, device = torch_row(torch, _config(model, width, batch, "float32", "views"), steps, repeats)
+      out[model, batch], note = ms, f"{ms:.1f} ms/step, {batch / ms * 1e3:.0f} img/s ({device})"
+    except Exception as err:  # noqa: BLE001 (torch.OutOfMemoryError is one; the JAX rows still run)
+      out[model, batch] = note = failure_note(err)
     # Hand the memory back before the next reference or the JAX rows run.
     gc.collect()
     if torch.cuda.is_available():
@@ -267,22 +283,28 @@ def main(argv=None):
   # (model, B) -> the reference's step ms, timed once per pair, all before the JAX rows.
   torch_ms = {} if torch is None else reference_rows(torch, dict.fromkeys((r[0], r[1]) for r in rows),
                                                        width, steps, args.repeats)
+  failed = [f"reference {m} B={b}: {note}" for (m, b), note in torch_ms.items()
+            if isinstance(note, str) and note != OUT_OF_MEMORY]
   print(header)
   print("-" * len(header))
   for model, batch, dtype, augment, views in rows:
     lead = f"{model:<9} {batch:>5} {dtype:<8} {augment:<7} {views:<10}"
     base_ms = torch_ms.get((model, batch))
-    base = (f"{base_ms:9.1f} {batch / base_ms * 1e3:11.0f}" if base_ms is not None
-            else f"{'(mem)' if (model, batch) in torch_ms else '-':>9} {'-':>11}")
+    if isinstance(base_ms, str):  # the reference raised: '(mem)' or '(failed)' in its columns
+      base, base_ms = f"{'(mem)' if base_ms == OUT_OF_MEMORY else '(failed)':>9} {'-':>11}", None
+    else:
+      base = f"{base_ms:9.1f} {batch / base_ms * 1e3:11.0f}" if base_ms is not None else f"{'-':>9} {'-':>11}"
     try:
       r = jax_row(_config(model, width, batch, dtype, augment, views), steps, args.repeats)
-    except Exception as err:  # noqa: BLE001 (device OOM is reported and the run goes on; all else raises)
-      if not is_out_of_memory(err):
-        raise
-      r = None
-    if r is None:
+    except Exception as err:  # noqa: BLE001 (reported in the table; the other rows still run)
+      r = failure_note(err)
+    if isinstance(r, str):
       gc.collect()  # the failed row's buffers, which its traceback held until the except block ended
-      print(f"{lead} {'(mem)':>9} {'-':>9} {'-':>9} {'-':>6} {'-':>7} {'-':>7} {base} {'-':>8}", flush=True)
+      if r != OUT_OF_MEMORY:
+        failed.append(f"{model}:{batch}:{dtype}:{augment}:{views}: {r}")
+        print(f"{lead} {r}", flush=True)
+      else:
+        print(f"{lead} {'(mem)':>9} {'-':>9} {'-':>9} {'-':>6} {'-':>7} {'-':>7} {base} {'-':>8}", flush=True)
       continue
     ips = batch / r["ms"] * 1e3
     mfu = f"{100 * r['flops_per_step'] / (r['ms'] / 1e3) / peak:5.1f}%" if peak else "     -"
@@ -292,6 +314,8 @@ def main(argv=None):
     speed = f"{base_ms / r['ms']:7.2f}x" if base_ms is not None else f"{'-':>8}"
     print(f"{lead} {r['ms']:9.1f} {ips:9.0f} {r['flops_per_image'] / 1e9:9.3f} {mfu:>6} "
           f"{r['bytes_per_step'] / batch / 1e6:7.1f} {hbm_ms} {base} {speed}", flush=True)
+  if failed:
+    raise SystemExit(f"bench_train_step: {len(failed)} failed (tracebacks above on stderr): " + "; ".join(failed))
 
 
 def _parse_row(text: str):

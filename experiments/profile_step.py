@@ -185,15 +185,21 @@ def main(argv=None):
   print(f"# CARE train step traced with jax.profiler: {args.steps} step(s) per row after 2 warm-up steps, "
         f"width {args.width:g}; jax {jax.__version__} on {jax.device_count()} x {device.device_kind}")
   print(f"{'row':<40} {'step ms':>9} {'busy ms':>9} {'idle %':>6} {'kernels':>8}")
+  failed = []
   for row in rows:
     name = ":".join(str(x) for x in row)
     try:
       config = bench_train_step._config(row[0], args.width, *row[1:])
       r = profile_config(config, args.steps, pathlib.Path(args.trace_dir) / name.replace(":", "_"))
     except Exception as err:  # noqa: BLE001 (one row's failure, e.g. out of memory, leaves the others)
-      print(f"{name:<40} failed: {str(err).splitlines()[0][:160] if str(err) else type(err).__name__}")
+      note = bench_train_step.failure_note(err)
+      print(f"{name:<40} {note}")
+      if note != bench_train_step.OUT_OF_MEMORY:
+        failed.append(f"{name}: {note}")
       continue
     print_row(name, r, args.top)
+  if failed:
+    raise SystemExit(f"profile_step: {len(failed)} failed (tracebacks above on stderr): " + "; ".join(failed))
 
 
 if __name__ == "__main__":

@@ -46,3 +46,31 @@ def test_a_traced_cpu_step_accounts_for_its_kernels_by_part(tmp_path):
   # The model's passes are recognised from the step's HLO (named scopes).
   assert {"model forward", "model backward"} <= set(r["parts"])
   assert sum(n for _, _, n, _ in r["top"]) == r["kernels"]
+
+
+def test_a_failing_row_is_named_the_next_still_runs_and_the_exit_status_is_1(monkeypatch, capsys):
+  def profile_config(config, steps, trace_dir):
+    if config.batch_size == 32:
+      raise ValueError("INVALID_ARGUMENT: bad shape")
+    if config.batch_size == 48:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9GiB.")
+    return {"step_ms": 2.0, "busy_ms": 1.0, "kernels": 3, "kernel_ms": 1.5, "parts": {"loss": (3, 1.5)},
+            "top": [("fusion", "loss", 3, 1.5)]}
+
+  monkeypatch.setattr(profile_step, "profile_config", profile_config)
+  try:
+    profile_step.main(["--width", "0.125", "--rows", "resnet18:32:float32:views", "resnet18:48:float32:views",
+                       "resnet18:64:float32:views"])
+  except SystemExit as exit_info:
+    code = exit_info.code
+  else:
+    code = 0
+  # Out of memory is a finding, not a failure; the bug is, and says so in the exit status.
+  assert code == ("profile_step: 1 failed (tracebacks above on stderr): "
+                  "resnet18:32:float32:views:sequential: failed: ValueError: INVALID_ARGUMENT: bad shape")
+  out, err = capsys.readouterr()
+  rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("resnet18")}
+  assert rows["resnet18:32:float32:views:sequential"][:2] == ["failed:", "ValueError:"]
+  assert rows["resnet18:48:float32:views:sequential"] == ["out", "of", "device", "memory"]
+  assert rows["resnet18:64:float32:views:sequential"] == ["2.00", "1.00", "50.0", "3"]
+  assert err.count("Traceback (most recent call last)") == 1
