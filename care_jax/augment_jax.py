@@ -224,29 +224,51 @@ def apply(images, params: dict, cfg: AugmentConfig):
 
 
 def view_params(key, batch: int, height: int, width: int, cfg: AugmentConfig, *, num_chunks: int,
-                with_equivariance: bool = True) -> list:
+                equiv_batch: int | None = None, with_equivariance: bool = True) -> list:
   """Each view's parameters for a batch, view v drawn from fold_in(key, v): x1, x2 one set
-  per image, e1, e2 one set per chunk of batch / num_chunks consecutive images."""
+  per image, e1, e2 one set per chunk, repeated over the chunk's equiv_batch / num_chunks
+  images (equiv_batch: the images given e1, e2, default the whole batch)."""
   params = [sample_params(jax.random.fold_in(key, view), batch, height, width, cfg) for view in (0, 1)]
   if with_equivariance:
     params += [repeat_params(sample_params(jax.random.fold_in(key, view), num_chunks, height, width, cfg,
-                                           crop=cfg.equiv_crop), batch // num_chunks) for view in (2, 3)]
+                                           crop=cfg.equiv_crop), (equiv_batch or batch) // num_chunks)
+               for view in (2, 3)]
   return params
 
 
-def pretraining_views(images, key, cfg: AugmentConfig, *, num_chunks: int, with_equivariance: bool = True) -> dict:
-  """The four views of a (global) uint8 batch, as augment.pretraining_views: each view
-  `apply(images, view_params(...)[v])`."""
-  b, height, width, _ = images.shape
-  params = view_params(key, b, height, width, cfg, num_chunks=num_chunks, with_equivariance=with_equivariance)
-  names = ("x1", "x2", "e1", "e2")[:len(params)]
-  # All views in one apply over the images repeated, interleaved (row i V + v:
-  # view v of image i, the layout the batched view pass reads): one kernel per
-  # op instead of one per op and view (compiled for an H200: 125 -> 67
-  # augmentation kernels a step, most of those left the per-view parameter
-  # draws), and each row stays on the device that holds its image.
-  count = len(params)
+def equivariance_images(images, num_chunks: int, equiv_batch: int):
+  """The rows of config_lib.equivariance_rows, chunk after chunk: the first equiv_batch /
+  num_chunks images of each block, taken as a reshape and a slice, which XLA keeps on the
+  devices holding the blocks (a gather by row index could move them)."""
+  blocks = images.reshape((num_chunks, -1) + images.shape[1:])
+  return blocks[:, :equiv_batch // num_chunks].reshape((equiv_batch,) + images.shape[1:])
+
+
+def _interleaved_apply(images, params: list, cfg: AugmentConfig) -> list:
+  """[apply(images, p) for p in params] as one apply over the images repeated and the
+  parameters interleaved (row i V + v: view v of image i, the layout the batched view
+  pass reads): one kernel per op instead of one per op and view (compiled for an H200:
+  125 -> 67 augmentation kernels a step, most of those left the per-view parameter
+  draws), and each row stays on the device that holds its image."""
+  b, count = images.shape[0], len(params)
   interleave = lambda *leaves: jnp.stack(leaves, axis=1).reshape((b * count,) + leaves[0].shape[1:])
   views = apply(jnp.repeat(images, count, axis=0), jax.tree.map(interleave, *params), cfg)
   views = views.reshape((b, count) + views.shape[1:])
-  return {name: views[:, v] for v, name in enumerate(names)}
+  return [views[:, v] for v in range(count)]
+
+
+def pretraining_views(images, key, cfg: AugmentConfig, *, num_chunks: int, equiv_batch: int | None = None,
+                      with_equivariance: bool = True) -> dict:
+  """The four views of a (global) uint8 batch, as augment.pretraining_views: each view
+  `apply(images, view_params(...)[v])`, e1 and e2 of equivariance_images(images, ...) where
+  equiv_batch is under the batch."""
+  b, height, width, _ = images.shape
+  equiv_batch = equiv_batch or b
+  params = view_params(key, b, height, width, cfg, num_chunks=num_chunks, equiv_batch=equiv_batch,
+                       with_equivariance=with_equivariance)
+  if equiv_batch == b or not with_equivariance:
+    return dict(zip(("x1", "x2", "e1", "e2"), _interleaved_apply(images, params, cfg)))
+  # Two applies: the e-views are made for fewer images.
+  x1, x2 = _interleaved_apply(images, params[:2], cfg)
+  e1, e2 = _interleaved_apply(equivariance_images(images, num_chunks, equiv_batch), params[2:], cfg)
+  return {"x1": x1, "x2": x2, "e1": e1, "e2": e2}

@@ -15,6 +15,7 @@ import uuid
 from typing import Iterable
 
 import ml_collections
+import numpy as np
 from etils import epath
 
 from care_jax.models import resnet
@@ -68,6 +69,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.equiv_weight = 0.03
   c.equiv_splits = 16
   c.equiv_crop = True  # False: the equivariance views skip the crop (release's ImageNet-100).
+  # Images of each step given the e1/e2 views; 0 = the whole batch. The release's ImageNet-100
+  # runs use 128 of 256 ("equivariant batch size"). Chunk k is the first
+  # equiv_batch_size / equiv_splits images of block k of batch_size / equiv_splits
+  # (equivariance_rows): chunks stay on their devices, every device gives its share.
+  c.equiv_batch_size = 0
   # tf: tf.data on the host CPU (care_jax/augment.py); device: the dataset held on the
   # accelerator as uint8, shuffled and augmented inside the jitted step (care_jax/augment_jax.py).
   c.augment_backend = "tf"
@@ -159,7 +165,7 @@ def validate(config, num_devices: int = 1) -> None:
   for field in ("batch_size", "equiv_splits", "eval_batch_size", "log_every_steps", "proj_dim",
                 "proj_hidden_dim", "knn_k", "image_size"):
     _at_least(config, field, 1)
-  for field in ("num_epochs", "num_train_steps", "warmup_epochs", "weight_decay", "equiv_weight",
+  for field in ("num_epochs", "num_train_steps", "warmup_epochs", "weight_decay", "equiv_weight", "equiv_batch_size",
                 "eval_every_steps", "checkpoint_every_steps", "linear_probe_epochs", "wahba_trials",
                 "momentum", "knn_monitor_examples", "wahba_examples", "linear_probe_weight_decay"):
     _at_least(config, field, 0)
@@ -212,6 +218,16 @@ def validate(config, num_devices: int = 1) -> None:
       raise ConfigError(f"equiv_splits={splits} gives chunks of {chunk} images that straddle devices "
                         f"({per_device} images per device on {num_devices}); use an equiv_splits that is "
                         f"a multiple of {num_devices}")
+    equiv = config.equiv_batch_size
+    if equiv > batch:
+      raise ConfigError(f"equiv_batch_size={equiv} exceeds batch_size={batch}; use at most {batch} "
+                        "(0 = the whole batch)")
+    if equiv % splits:
+      raise ConfigError(f"equiv_batch_size={equiv} is not divisible by equiv_splits={splits}; "
+                        f"use a multiple of {splits} such as {max(1, equiv // splits) * splits}")
+    if equiv and equiv // splits < 2:
+      raise ConfigError(f"equiv_batch_size={equiv} gives chunks of {equiv // splits} image "
+                        f"(equiv_splits={splits}); a chunk needs >= 2 images: use equiv_batch_size >= {2 * splits}")
   if config.proj_dim < 2:
     raise ConfigError(f"proj_dim={config.proj_dim} must be >= 2")
   if config.geometry == "symplectic" and config.proj_dim % 2:
@@ -245,6 +261,30 @@ def _validate_moco(config) -> None:
 def uses_equivariance(config) -> bool:
   """Whether the e1/e2 views are computed (SimCLR, or weight 0, skips them)."""
   return config.objective not in ("simclr", "moco") and config.equiv_weight > 0
+
+
+def equiv_batch(config) -> int:
+  """Images per step given the e1/e2 views: equiv_batch_size, 0 meaning the whole batch."""
+  return int(config.equiv_batch_size) or int(config.batch_size)
+
+
+def equivariance_rows(global_batch: int, num_chunks: int, equiv_batch: int) -> np.ndarray:
+  """The global batch rows given the e1/e2 views, chunk after chunk: the first
+  equiv_batch / num_chunks rows of each of the num_chunks blocks of
+  global_batch / num_chunks rows (every row when equiv_batch == global_batch).
+  validate() keeps blocks within devices, so a chunk's views are made and embedded
+  where its images are, and each device (process) holds the same number of them."""
+  blocks = np.arange(global_batch).reshape(num_chunks, global_batch // num_chunks)
+  return blocks[:, :equiv_batch // num_chunks].reshape(-1)
+
+
+def local_equivariance_rows(global_batch: int, num_chunks: int, equiv_batch: int, offset: int,
+                            local: int) -> np.ndarray | None:
+  """equivariance_rows of a process holding rows [offset, offset + local); None when every row is."""
+  if equiv_batch == global_batch:
+    return None
+  rows = equivariance_rows(global_batch, num_chunks, equiv_batch)
+  return rows[(rows >= offset) & (rows < offset + local)]
 
 
 def check_workdir(workdir: str) -> epath.Path:

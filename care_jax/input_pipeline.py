@@ -150,16 +150,19 @@ def load_folder(root: str, image_size: int):
 
 def pretraining_dataset(data: ArrayDataset, *, seed: int, global_batch: int, num_chunks: int,
                         aug: augment.AugmentConfig, start_step: int = 0, num_steps: Optional[int] = None,
-                        process_index: int = 0, process_count: int = 1,
+                        process_index: int = 0, process_count: int = 1, equiv_batch: Optional[int] = None,
                         with_equivariance: bool = True, prefetch: int = 2) -> tf.data.Dataset:
   """Batches of views for global steps start_step, start_step + 1, ...
 
-  Yields dicts x1, x2 (and e1, e2) float32 [B_local, S, S, 3], labels and step.
+  Yields dicts x1, x2 float32 [B_local, S, S, 3] (and e1, e2 for this process's
+  share of the equiv_batch rows, config_lib.equivariance_rows; default all), labels and step.
   """
   if global_batch % process_count:
     raise ValueError(f"batch_size={global_batch} is not divisible by the process count {process_count}")
   local = global_batch // process_count
   offset = process_index * local
+  equiv_rows = config_lib.local_equivariance_rows(global_batch, num_chunks, equiv_batch or global_batch, offset,
+                                                  local)
   n = tf.cast(len(data.images), tf.int64)
   spe = steps_per_epoch(len(data.images), global_batch)
   images = tf.constant(data.images)
@@ -172,7 +175,7 @@ def pretraining_dataset(data: ArrayDataset, *, seed: int, global_batch: int, num
     start = (step % spe) * global_batch + offset
     idx = order[start:start + local]
     views = augment.pretraining_views(tf.gather(images, idx), seed, step, aug, global_batch=global_batch,
-                                      num_chunks=num_chunks, offset=offset,
+                                      num_chunks=num_chunks, offset=offset, equiv_rows=equiv_rows,
                                       with_equivariance=with_equivariance)
     views["labels"] = tf.gather(labels, idx)
     views["step"] = step
@@ -283,8 +286,9 @@ def streaming_eval_batches(name: str, split: str, *, data_dir: Optional[str], do
 def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[str], download: bool, seed: int,
                                   global_batch: int, num_chunks: int, aug: augment.AugmentConfig,
                                   start_step: int = 0, num_steps: Optional[int] = None, process_index: int = 0,
-                                  process_count: int = 1, with_equivariance: bool = True,
-                                  shuffle_buffer: int = 16384, prefetch: int = 2) -> tf.data.Dataset:
+                                  process_count: int = 1, equiv_batch: Optional[int] = None,
+                                  with_equivariance: bool = True, shuffle_buffer: int = 16384,
+                                  prefetch: int = 2) -> tf.data.Dataset:
   """Views for datasets too large for memory (imagenet2012, imagenet100), read as a tfds stream.
 
   Each process reads its own part of the split (tfds.split_for_jax_process),
@@ -302,6 +306,8 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
     raise ValueError(f"batch_size={global_batch} is not divisible by the process count {process_count}")
   local = global_batch // process_count
   offset = process_index * local
+  equiv_rows = config_lib.local_equivariance_rows(global_batch, num_chunks, equiv_batch or global_batch, offset,
+                                                  local)
   builder = _tfds_builder(_tfds_name(name), data_dir, download)
   part = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
   read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=True)
@@ -328,10 +334,12 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
   @_graph_only
   def views(step, batch):
     params = augment.view_params(seed, step, size, size, aug, global_batch=global_batch, num_chunks=num_chunks,
-                                 rows=offset + tf.range(local), with_equivariance=with_equivariance)
+                                 rows=offset + tf.range(local), equiv_rows=equiv_rows,
+                                 with_equivariance=with_equivariance)
     for view in ("x1", "x2"):  # already cropped per image, each to its own box
       params[view]["crop"] = tf.tile(whole[None], [local, 1])
-    sources = {"x1": batch["x1"], "x2": batch["x2"], "e1": batch["e"], "e2": batch["e"]}
+    e = batch["e"] if equiv_rows is None else tf.gather(batch["e"], equiv_rows - offset)
+    sources = {"x1": batch["x1"], "x2": batch["x2"], "e1": e, "e2": e}
     out = {view: augment.apply(sources[view], p, aug) for view, p in params.items()}
     return {**out, "labels": batch["labels"], "step": step}
 

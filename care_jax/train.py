@@ -193,7 +193,13 @@ def make_train_step(model, tx, config, schedule: optax.Schedule) -> Callable:
 
   def loss_fn(params, batch_stats, batch):
     if config.view_batching == "batched":
-      z, batch_stats = _views_in_one_pass(model, params, batch_stats, batch, views)
+      z = {}
+      # One pass over all four views, or two where e1, e2 hold fewer images
+      # (equiv_batch_size): x1, x2, then e1, e2, the sequential passes' order.
+      same_size = len({batch[v].shape[0] for v in views}) == 1
+      for group in [views] if same_size else [views[:2], views[2:]]:
+        z_group, batch_stats = _views_in_one_pass(model, params, batch_stats, batch, group)
+        z.update(z_group)
     else:
       z = {}
       # One forward pass per view, as the release does: BatchNorm normalises each
@@ -230,6 +236,7 @@ def with_device_augmentation(train_step, config, aug) -> Callable:
     key = jax.random.fold_in(jax.random.fold_in(state.rng, _AUGMENT_STREAM), state.step)
     with jax.named_scope("augment"):
       views = augment_jax.pretraining_views(batch["images"], key, aug, num_chunks=config.equiv_splits,
+                                            equiv_batch=config_lib.equiv_batch(config),
                                             with_equivariance=with_equivariance)
     return train_step(state, views)
 
@@ -457,7 +464,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
     common = dict(seed=config.seed, global_batch=config.batch_size, num_chunks=config.equiv_splits,
                   aug=evaluator.aug, start_step=start_step, num_steps=max(0, last_step - start_step),
                   process_index=jax.process_index(), process_count=jax.process_count(),
-                  with_equivariance=len(views) == 4)
+                  equiv_batch=config_lib.equiv_batch(config), with_equivariance=len(views) == 4)
     if streaming:
       batches = input_pipeline.streaming_pretraining_dataset(
           config.dataset, config.train_split, data_dir=config.data_dir or None, download=config.download, **common)

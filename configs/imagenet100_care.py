@@ -5,13 +5,14 @@
 
 ResNet-50 with the ImageNet stem, SGD 0.4 cosine, 200 epochs, batch 256,
 temperature 0.2, lambda 0.005, 4 equivariance chunks per device (set
-equiv_splits = 4 x device count), equivariance views without the crop.
+equiv_splits = 4 x device count), equivariance views without the crop and,
+as the release, for 128 of the 256 images (equiv_batch_size).
 Expected: paper Figure 4, linear probe top-1 76.69% (SimCLR 72.79%).
 Data: tfds imagenet2012 prepared under data_dir (manual download), filtered to
 the release's 100 classes (CMC's list) and streamed for pretraining, each
-process reading its own part. Evaluation loads its splits into memory at
-image_size: eval_train_split 'train' (126,689 images, ~19 GB at 224) is the
-paper's protocol; 'train[:20%]' bounds it.
+process reading its own part. Evaluation streams its splits too, holding only
+features: eval_train_split 'train' (126,689 images) is the paper's protocol;
+'train[:20%]' bounds its time.
 """
 
 from care_jax import config_lib
@@ -34,6 +35,7 @@ def get_config():
   c.equiv_weight = 0.005
   c.equiv_splits = 4
   c.equiv_crop = False
+  c.equiv_batch_size = 128  # the release's "equivariant batch size": e1, e2 for half the batch
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5000
   c.eval_every_steps = 0

@@ -6,7 +6,8 @@
 configs/imagenet100_moco.py (MoCo-v2 on the release's ImageNet-100 settings)
 plus the equivariance loss exactly as in the SimCLR variant: lambda 0.005, 4
 chunks per device (set equiv_splits = 4 x device count; a multiple of
-moco_bn_groups), equivariance views without the crop, through the query encoder.
+moco_bn_groups), equivariance views without the crop for 128 of the 256 images
+(equiv_batch_size, inherited), through the query encoder.
 Data as configs/imagenet100_care.py: tfds imagenet2012 under data_dir, the 100
 classes streamed for pretraining.
 """

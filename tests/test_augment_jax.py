@@ -5,8 +5,9 @@ import tensorflow as tf
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from care_jax import augment, augment_jax
+from care_jax import augment, augment_jax, config_lib, train
 
 CFG = augment.AugmentConfig(image_size=16, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
 
@@ -68,3 +69,25 @@ def test_device_views_share_parameters_within_chunks_and_repeat_per_key():
     np.testing.assert_allclose(np.asarray(views[name]), np.asarray(alone), atol=1e-5, err_msg=name)
   assert set(augment_jax.pretraining_views(jnp.asarray(images), jax.random.PRNGKey(5), CFG, num_chunks=2,
                                            with_equivariance=False)) == {"x1", "x2"}
+
+
+def test_an_equivariance_sub_batch_is_the_full_batchs_views_at_its_rows_and_stays_on_its_devices():
+  # 16 images, 8 chunks, e1/e2 for 8 of them: rows 0, 2, 4, ... (the first of each block of 2),
+  # with the chunk parameters the whole batch's views of those rows have.
+  images = jnp.asarray(_images(16, 16))
+  rows = config_lib.equivariance_rows(16, 8, 8)
+  assert rows.tolist() == list(range(0, 16, 2))
+  make = lambda equiv_batch: jax.jit(lambda x, k: augment_jax.pretraining_views(
+      x, k, CFG, num_chunks=8, equiv_batch=equiv_batch))
+  full = make(None)(images, jax.random.PRNGKey(7))
+  # Sharded over the 8 devices as the train step holds the batch: each device's
+  # chunk comes out on that device, and the values do not change.
+  sharded = jax.device_put(images, NamedSharding(train.make_mesh(), P("data")))
+  sub = make(8)(sharded, jax.random.PRNGKey(7))
+  for name in ("x1", "x2"):
+    np.testing.assert_allclose(np.asarray(sub[name]), np.asarray(full[name]), atol=1e-5, err_msg=name)
+  for name in ("e1", "e2"):
+    assert sub[name].shape == (8, 16, 16, 3)
+    np.testing.assert_allclose(np.asarray(sub[name]), np.asarray(full[name])[rows], atol=1e-5, err_msg=name)
+    assert [s.index[0] for s in sub[name].addressable_shards] == [slice(i, i + 1) for i in range(8)]
+    assert [s.device for s in sub[name].addressable_shards] == [s.device for s in sharded.addressable_shards]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from care_jax import augment, input_pipeline as ip
+from care_jax import augment, config_lib, input_pipeline as ip
 
 HAVE_FMNIST = os.path.exists(os.path.join(ip.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
 
@@ -66,6 +66,23 @@ def test_pretraining_batches_resume_and_shard_exactly(tmp_path):
             for p in (0, 1)]
   for k in ("x1", "x2", "e1", "e2", "labels"):
     np.testing.assert_allclose(np.concatenate([h[k] for h in halves]), full[2][k], atol=1e-6)
+
+
+def test_an_equivariance_sub_batch_is_the_full_batchs_views_at_its_rows_in_each_process(tmp_path):
+  # equiv_batch 4 of 8, 2 chunks: rows 0, 1 and 4, 5 (the first 2 of each block of 4) get e1, e2,
+  # with the parameters the whole batch's views of those rows have; process 1 of 2 holds rows 4, 5.
+  data = ip.load_dataset("npz:" + _npz(tmp_path), "train", 8)
+  assert config_lib.equivariance_rows(8, 2, 4).tolist() == [0, 1, 4, 5]
+  full = next(_pretrain(data, num_steps=1, start_step=3).as_numpy_iterator())
+  for process, local_rows in ((None, [0, 1, 4, 5]), (1, [0, 1])):
+    kw = {} if process is None else dict(process_index=process, process_count=2)
+    sub = next(_pretrain(data, num_steps=1, start_step=3, equiv_batch=4, **kw).as_numpy_iterator())
+    first = 0 if process is None else 4
+    for view in ("x1", "x2", "labels"):  # the other views are untouched
+      np.testing.assert_array_equal(sub[view], full[view][first:first + len(sub["labels"])])
+    for view in ("e1", "e2"):
+      assert sub[view].shape == (len(local_rows), 8, 8, 3)
+      np.testing.assert_allclose(sub[view], full[view][first:][local_rows], atol=1e-6, err_msg=view)
 
 
 def test_epoch_is_a_permutation(tmp_path):
@@ -142,6 +159,8 @@ def test_imagenet100_streams_the_subset_resumes_exactly_and_splits_across_proces
     everything = ip.load_dataset("imagenet2012", "validation", 16, download=True)
     part0 = list(ip.streaming_pretraining_dataset("imagenet2012", "train", num_steps=2, process_index=0,
                                                   process_count=2, **args).as_numpy_iterator())
+    sub = list(ip.streaming_pretraining_dataset("imagenet2012", "train", num_steps=1, equiv_batch=2,
+                                                **args).as_numpy_iterator())
   assert [b["step"] for b in full] == [0, 1, 2]
   for key in ("x1", "x2", "e1", "e2", "labels"):
     assert full[0][key].shape[0] == 4
@@ -154,6 +173,11 @@ def test_imagenet100_streams_the_subset_resumes_exactly_and_splits_across_proces
   assert len(ip.IMAGENET100_CLASSES) == len(set(ip.IMAGENET100_CLASSES)) == 100
   # Two processes: each process yields its half of the global batch.
   assert part0[0]["x1"].shape[0] == 2
+  # An equivariance sub-batch of 2 (rows 0 and 2, one per chunk): the same views at those rows.
+  for key in ("x1", "x2", "labels"):
+    np.testing.assert_array_equal(sub[0][key], full[0][key])
+  for key in ("e1", "e2"):
+    np.testing.assert_allclose(sub[0][key], full[0][key][[0, 2]], atol=1e-6)
 
 
 def _write_idx(path, array):

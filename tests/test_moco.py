@@ -42,9 +42,12 @@ def test_keys_and_queue_get_no_gradient():
 
 def _moco_sgd_config(objective="moco_care"):
   """The one-step SGD config of the 1-vs-8-device gradient test; the momentum test runs its 1-device
-  step, a cache hit of the same compiled program."""
+  step, a cache hit of the same compiled program. moco_care gives e1, e2 to half the batch, as the
+  release's ImageNet-100 runs do (equiv_batch_size; the whole-batch case: test_train)."""
+  care = objective == "moco_care"
   return _moco_config(objective=objective, optimizer="sgd", learning_rate=0.1, weight_decay=0.0,
-                      equiv_weight=0.5 if objective == "moco_care" else 0.0, moco_bn_groups=2, moco_momentum=0.9)
+                      equiv_weight=0.5 if care else 0.0, equiv_batch_size=16 if care else 0, moco_bn_groups=2,
+                      moco_momentum=0.9)
 
 
 def _train_apply(model):
@@ -122,6 +125,7 @@ def test_step_on_one_and_eight_devices_is_the_gradient_of_the_loss_with_keys_hel
   use_equi = objective == "moco_care"
   model = train.build_model(config)
   batch = _batch(config, seed=5)
+  assert len(batch["x1"]) == 32 and (len(batch["e1"]) == 16) == use_equi
   state0 = jax.device_get(_setup(config, jax.devices()[:1])[0])
   key_vars = {"params": moco.momentum_update(state0.moco["params"], state0.params, config.moco_momentum),
               "batch_stats": state0.moco["batch_stats"]}

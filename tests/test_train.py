@@ -33,9 +33,12 @@ def _one_step_sgd_config(objective="care", **overrides):
 
 
 def _batch(config, seed=0):
+  """Random views; e1, e2 only at the equivariance rows where equiv_batch_size sets fewer."""
   rng = np.random.default_rng(seed)
   shape = (config.batch_size, config.image_size, config.image_size, 3)
-  return {v: rng.normal(size=shape).astype(np.float32) for v in train.VIEWS}
+  batch = {v: rng.normal(size=shape).astype(np.float32) for v in train.VIEWS}
+  rows = config_lib.equivariance_rows(config.batch_size, config.equiv_splits, config_lib.equiv_batch(config))
+  return {v: x[rows] if v in ("e1", "e2") else x for v, x in batch.items()}
 
 
 def _setup(config, devices, programs=None):
@@ -136,6 +139,41 @@ def test_sgd_update_is_minus_lr_times_gradient_of_the_global_loss():
   expected = jax.tree.map(lambda p, g: p - lr * (g + (wd * p if p.ndim > 1 else 0.0)), state0.params, grads)
   state8, _ = _run(config, jax.devices(), batch)
   _assert_trees_close(state8.params, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_an_equivariance_sub_batch_step_is_the_gradient_of_its_loss_on_one_and_eight_devices():
+  # The release's ImageNet-100 "equivariant batch": e1, e2 hold 16 of the 32 images
+  # (2 of each chunk's 4). Independent truth: jax.grad of the plain loss of
+  # sequential passes over those views; the smoke preset's batched step makes
+  # two passes (x1, x2 then e1, e2) and must stay data-parallel.
+  config = _one_step_sgd_config(equiv_batch_size=16)
+  batch = _batch(config, seed=5)
+  assert batch["e1"].shape[0] == 16 and batch["x1"].shape[0] == 32
+  state0 = jax.device_get(_setup(config, jax.devices()[:1])[0])
+  model = train.build_model(config)
+
+  def loss(params):
+    stats, z = state0.batch_stats, {}
+    for v in train.VIEWS:
+      (_, z[v]), upd = model.apply({"params": params, "batch_stats": stats}, jnp.asarray(batch[v]),
+                                   train=True, mutable=["batch_stats"])
+      stats = upd["batch_stats"]
+    total = losses.care_loss(z["x1"], z["x2"], z["e1"], z["e2"], temperature=config.temperature,
+                             equiv_weight=config.equiv_weight, num_chunks=config.equiv_splits)[0]
+    return total, stats
+
+  (expected_loss, expected_stats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state0.params)
+  lr, wd = config.learning_rate, config.weight_decay
+  expected = jax.tree.map(lambda p, g: p - lr * (g + (wd * p if p.ndim > 1 else 0.0)), state0.params, grads)
+  one_device, eight_devices = {}, {}
+  state1, metrics1 = _run(config, jax.devices()[:1], batch, programs=one_device)
+  state8, metrics8 = _run(config, jax.devices(), batch, programs=eight_devices)
+  for metrics in (metrics1, metrics8):
+    np.testing.assert_allclose(metrics["loss"], expected_loss, rtol=5e-5)
+  _assert_same_updates(state8.params, state1.params, state0.params)
+  _assert_trees_close(state8.params, expected, rtol=1e-4, atol=1e-6)
+  _assert_same_updates(state8.batch_stats, expected_stats, state0.batch_stats)
+  assert _flops(eight_devices["step"]) < 0.2 * _flops(one_device["step"])
 
 
 @pytest.mark.parametrize("overrides", [{}, {"geometry": "hyperboloid"}, {"geometry": "symplectic"},

@@ -104,6 +104,20 @@ def test_validate_accepts_every_shipped_config():
     config_lib.validate(config_lib.load_config_file(ROOT / "configs" / "quickstart.py", preset), num_devices=8)
 
 
+@pytest.mark.parametrize("value, expected", [
+    (64, "equiv_batch_size=64 exceeds batch_size=32; use at most 32 (0 = the whole batch)"),
+    (12, "equiv_batch_size=12 is not divisible by equiv_splits=8; use a multiple of 8 such as 8"),
+    (8, "equiv_batch_size=8 gives chunks of 1 image (equiv_splits=8); a chunk needs >= 2 images: "
+        "use equiv_batch_size >= 16"),
+    (-8, "equiv_batch_size=-8 must be a number >= 0; set --config.equiv_batch_size=<value >= 0>"),
+])
+def test_a_bad_equivariance_sub_batch_names_the_field_and_the_fix(value, expected):
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(_smoke_config(equiv_batch_size=value), num_devices=8)
+  assert str(err.value) == expected
+  config_lib.validate(_smoke_config(equiv_batch_size=16), num_devices=8)  # 2 of each chunk's 4 images
+
+
 # ------------------------------------------------------------------ runs
 
 class _TrainStepCompiles(logging.Handler):
