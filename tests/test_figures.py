@@ -141,6 +141,7 @@ def test_paper_scale_moco_pair_reuses_finished_runs_and_stores_the_papers_number
   assert result["moco_care_minus_moco"]["per_pretrain_seed"] == pytest.approx([1.5, 2.0])
   assert result["paper_linear_probe_top1"] == {"moco": 73.16, "moco_care": 74.22}
   assert result["settings"]["dataset"] == "imagenet100"
+  assert result["settings"]["equiv_batch_size"] == 128  # the release's equivariant batch, recorded with the result
   out = tmp_path / "fig4_linear_probe" / "paper-imagenet100_moco"
   assert json.loads((out / "fig4_linear_probe.json").read_text())["scale"] == "paper"
   assert (out / "fig4_linear_probe.png").read_bytes()[:4] == b"\x89PNG"
