@@ -4,9 +4,16 @@
       --config.data_dir=DIR
 
 ResNet-50 with the ImageNet stem, SGD 0.4 cosine, 200 epochs, batch 256,
-temperature 0.2, lambda 0.005, 4 equivariance chunks per device (set
-equiv_splits = 4 x device count), equivariance views without the crop and,
-as the release, for 128 of the 256 images (equiv_batch_size).
+temperature 0.2, lambda 0.005, equivariance views without the crop.
+L_equi as the release computes it on its 4 GPUs (2 nodes x 2 V100, 64 images
+each, `--equiv-splits-per-gpu 4`, equivariant batch 128): e1, e2 for 128 of
+the 256 images (equiv_batch_size), in 16 chunks of 8 (4 per GPU there), which
+sets the loss's scale for lambda (a chunk of n images sums n(n-1) Gram
+differences over n). Two differences remain: there each GPU shares one
+augmentation pair over its 4 chunks, here every chunk draws its own; and the
+release syncs BatchNorm over its GPUs in CARE runs but not in its SimCLR
+baseline (per-GPU statistics over 64 images), where the SimCLR run here keeps
+global statistics like the CARE run, so the pair differs in the objective only.
 Expected: paper Figure 4, linear probe top-1 76.69% (SimCLR 72.79%).
 Data: tfds imagenet2012 prepared under data_dir (manual download), filtered to
 the release's 100 classes (CMC's list) and streamed for pretraining, each
@@ -33,7 +40,7 @@ def get_config():
   c.schedule = "cosine"
   c.temperature = 0.2
   c.equiv_weight = 0.005
-  c.equiv_splits = 4
+  c.equiv_splits = 16  # chunks of 8 of the 128 equivariance images, the release's 4 GPUs x 4
   c.equiv_crop = False
   c.equiv_batch_size = 128  # the release's "equivariant batch size": e1, e2 for half the batch
   c.log_every_steps = 100
