@@ -269,6 +269,11 @@ def view_params(seed: int, step, height, width, cfg: AugmentConfig, *, global_ba
   return params
 
 
+def process_rows(images, rows, offset):
+  """The images of global batch rows `rows` from a process's rows starting at `offset`; all when rows is None."""
+  return images if rows is None else tf.gather(images, rows - offset)
+
+
 def pretraining_views(images, seed: int, step, cfg: AugmentConfig, *, global_batch: int,
                       num_chunks: int, offset, equiv_rows=None, with_equivariance: bool = True):
   """The four views of this process's rows [offset, offset + B_local) of a global batch.
@@ -282,7 +287,7 @@ def pretraining_views(images, seed: int, step, cfg: AugmentConfig, *, global_bat
   params = view_params(seed, step, shape[1], shape[2], cfg, global_batch=global_batch, num_chunks=num_chunks,
                        rows=offset + tf.range(shape[0]), equiv_rows=equiv_rows, with_equivariance=with_equivariance)
   sources = {"x1": images, "x2": images}
-  sources["e1"] = sources["e2"] = images if equiv_rows is None else tf.gather(images, equiv_rows - offset)
+  sources["e1"] = sources["e2"] = process_rows(images, equiv_rows, offset)
   # One apply per view, not one of the stacked views: tf.data runs the four
   # independent applies side by side (4.7k against 4.1k images/s on 2 cores,
   # experiments/bench_input.py).

@@ -278,10 +278,11 @@ def equivariance_rows(global_batch: int, num_chunks: int, equiv_batch: int) -> n
   return blocks[:, :equiv_batch // num_chunks].reshape(-1)
 
 
-def local_equivariance_rows(global_batch: int, num_chunks: int, equiv_batch: int, offset: int,
+def local_equivariance_rows(global_batch: int, num_chunks: int, equiv_batch: int | None, offset: int,
                             local: int) -> np.ndarray | None:
-  """equivariance_rows of a process holding rows [offset, offset + local); None when every row is."""
-  if equiv_batch == global_batch:
+  """equivariance_rows of a process holding rows [offset, offset + local); None when every row
+  is one (equiv_batch None or 0 meaning the whole batch)."""
+  if not equiv_batch or equiv_batch == global_batch:
     return None
   rows = equivariance_rows(global_batch, num_chunks, equiv_batch)
   return rows[(rows >= offset) & (rows < offset + local)]

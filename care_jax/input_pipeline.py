@@ -161,8 +161,7 @@ def pretraining_dataset(data: ArrayDataset, *, seed: int, global_batch: int, num
     raise ValueError(f"batch_size={global_batch} is not divisible by the process count {process_count}")
   local = global_batch // process_count
   offset = process_index * local
-  equiv_rows = config_lib.local_equivariance_rows(global_batch, num_chunks, equiv_batch or global_batch, offset,
-                                                  local)
+  equiv_rows = config_lib.local_equivariance_rows(global_batch, num_chunks, equiv_batch, offset, local)
   n = tf.cast(len(data.images), tf.int64)
   spe = steps_per_epoch(len(data.images), global_batch)
   images = tf.constant(data.images)
@@ -306,8 +305,7 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
     raise ValueError(f"batch_size={global_batch} is not divisible by the process count {process_count}")
   local = global_batch // process_count
   offset = process_index * local
-  equiv_rows = config_lib.local_equivariance_rows(global_batch, num_chunks, equiv_batch or global_batch, offset,
-                                                  local)
+  equiv_rows = config_lib.local_equivariance_rows(global_batch, num_chunks, equiv_batch, offset, local)
   builder = _tfds_builder(_tfds_name(name), data_dir, download)
   part = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
   read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=True)
@@ -338,7 +336,7 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
                                  with_equivariance=with_equivariance)
     for view in ("x1", "x2"):  # already cropped per image, each to its own box
       params[view]["crop"] = tf.tile(whole[None], [local, 1])
-    e = batch["e"] if equiv_rows is None else tf.gather(batch["e"], equiv_rows - offset)
+    e = augment.process_rows(batch["e"], equiv_rows, offset)
     sources = {"x1": batch["x1"], "x2": batch["x2"], "e1": e, "e2": e}
     out = {view: augment.apply(sources[view], p, aug) for view, p in params.items()}
     return {**out, "labels": batch["labels"], "step": step}

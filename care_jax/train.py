@@ -192,8 +192,8 @@ def make_train_step(model, tx, config, schedule: optax.Schedule) -> Callable:
   views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
 
   def loss_fn(params, batch_stats, batch):
+    z = {}
     if config.view_batching == "batched":
-      z = {}
       # One pass over all four views, or two where e1, e2 hold fewer images
       # (equiv_batch_size): x1, x2, then e1, e2, the sequential passes' order.
       same_size = len({batch[v].shape[0] for v in views}) == 1
@@ -201,7 +201,6 @@ def make_train_step(model, tx, config, schedule: optax.Schedule) -> Callable:
         z_group, batch_stats = _views_in_one_pass(model, params, batch_stats, batch, group)
         z.update(z_group)
     else:
-      z = {}
       # One forward pass per view, as the release does: BatchNorm normalises each
       # view with that view's statistics, and the running averages are updated
       # once per view, in order.
