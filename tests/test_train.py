@@ -116,40 +116,21 @@ def test_one_and_eight_devices_give_same_loss_gradients_and_updates(objective):
 
 def test_sgd_update_is_minus_lr_times_gradient_of_the_global_loss():
   # Independent of the sharded program: jax.grad of the plain (unsharded)
-  # loss of the same four views. The first SGD step: the momentum buffer is
-  # the gradient, and weight decay adds wd * w on kernels only (torch's
-  # weight_decay; BatchNorm and bias vectors are not decayed).
+  # loss of the same four views (_reference_sgd_step). The first SGD step:
+  # the momentum buffer is the gradient.
   config = _one_step_sgd_config()
   batch = _batch(config, seed=3)
   state0, _, _ = _setup(config, jax.devices()[:1])
   state0 = jax.device_get(state0)
-  model = train.build_model(config)
-
-  def loss(params):
-    stats, z = state0.batch_stats, {}
-    for v in train.VIEWS:
-      (_, z[v]), upd = model.apply({"params": params, "batch_stats": stats}, jnp.asarray(batch[v]),
-                                   train=True, mutable=["batch_stats"])
-      stats = upd["batch_stats"]
-    return losses.care_loss(z["x1"], z["x2"], z["e1"], z["e2"], temperature=config.temperature,
-                            equiv_weight=config.equiv_weight, num_chunks=config.equiv_splits)[0]
-
-  grads = jax.jit(jax.grad(loss))(state0.params)  # jit: eager op-by-op took a minute
-  lr, wd = config.learning_rate, config.weight_decay
-  expected = jax.tree.map(lambda p, g: p - lr * (g + (wd * p if p.ndim > 1 else 0.0)), state0.params, grads)
+  _, _, expected = _reference_sgd_step(config, state0, batch)
   state8, _ = _run(config, jax.devices(), batch)
   _assert_trees_close(state8.params, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_an_equivariance_sub_batch_step_is_the_gradient_of_its_loss_on_one_and_eight_devices():
-  # The release's ImageNet-100 "equivariant batch": e1, e2 hold 16 of the 32 images
-  # (2 of each chunk's 4). Independent truth: jax.grad of the plain loss of
-  # sequential passes over those views; the smoke preset's batched step makes
-  # two passes (x1, x2 then e1, e2) and must stay data-parallel.
-  config = _one_step_sgd_config(equiv_batch_size=16)
-  batch = _batch(config, seed=5)
-  assert batch["e1"].shape[0] == 16 and batch["x1"].shape[0] == 32
-  state0 = jax.device_get(_setup(config, jax.devices()[:1])[0])
+def _reference_sgd_step(config, state0, batch):
+  """(loss, running BatchNorm statistics, params after one SGD step) from jax.grad of the plain
+  loss of four sequential forward passes, with weight decay on kernels only (torch's
+  weight_decay; BatchNorm and bias vectors are not decayed)."""
   model = train.build_model(config)
 
   def loss(params):
@@ -162,9 +143,23 @@ def test_an_equivariance_sub_batch_step_is_the_gradient_of_its_loss_on_one_and_e
                              equiv_weight=config.equiv_weight, num_chunks=config.equiv_splits)[0]
     return total, stats
 
-  (expected_loss, expected_stats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state0.params)
+  # jit: eager op-by-op took a minute.
+  (value, stats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state0.params)
   lr, wd = config.learning_rate, config.weight_decay
-  expected = jax.tree.map(lambda p, g: p - lr * (g + (wd * p if p.ndim > 1 else 0.0)), state0.params, grads)
+  params = jax.tree.map(lambda p, g: p - lr * (g + (wd * p if p.ndim > 1 else 0.0)), state0.params, grads)
+  return value, stats, params
+
+
+def test_an_equivariance_sub_batch_step_is_the_gradient_of_its_loss_on_one_and_eight_devices():
+  # The release's ImageNet-100 "equivariant batch": e1, e2 hold 16 of the 32 images
+  # (2 of each chunk's 4). Independent truth: jax.grad of the plain loss of
+  # sequential passes over those views; the smoke preset's batched step makes
+  # two passes (x1, x2 then e1, e2) and must stay data-parallel.
+  config = _one_step_sgd_config(equiv_batch_size=16)
+  batch = _batch(config, seed=5)
+  assert batch["e1"].shape[0] == 16 and batch["x1"].shape[0] == 32
+  state0 = jax.device_get(_setup(config, jax.devices()[:1])[0])
+  expected_loss, expected_stats, expected = _reference_sgd_step(config, state0, batch)
   one_device, eight_devices = {}, {}
   state1, metrics1 = _run(config, jax.devices()[:1], batch, programs=one_device)
   state8, metrics8 = _run(config, jax.devices(), batch, programs=eight_devices)
