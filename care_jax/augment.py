@@ -254,18 +254,19 @@ def view_seed(seed: int, step, view: int):
 
 
 def view_params(seed: int, step, height, width, cfg: AugmentConfig, *, global_batch: int, num_chunks: int,
-                rows, equiv_rows=None, with_equivariance: bool = True) -> dict:
+                rows, equiv_rows=None, num_pairs: int | None = None, with_equivariance: bool = True) -> dict:
   """{view name: its parameters for global batch rows `rows`} of one step, view v drawn from
   view_seed(seed, step, v): x1, x2 one set per image of the global batch, e1, e2 one set
-  per chunk of global_batch / num_chunks consecutive images, for `equiv_rows` instead
-  where only those rows get them (config_lib.local_equivariance_rows)."""
+  per chunk of global_batch / num_chunks consecutive images (per num_pairs groups of
+  consecutive chunks where given), for `equiv_rows` instead where only those rows get
+  them (config_lib.local_equivariance_rows)."""
   params = {name: params_for_rows(sample_params(view_seed(seed, step, view), global_batch, height, width, cfg), rows)
             for name, view in (("x1", 0), ("x2", 1))}
   if with_equivariance:
+    pairs = num_pairs or num_chunks
     for name, view in (("e1", 2), ("e2", 3)):
-      chunk_params = sample_params(view_seed(seed, step, view), num_chunks, height, width, cfg, crop=cfg.equiv_crop)
-      params[name] = params_for_rows(chunk_params, rows if equiv_rows is None else equiv_rows,
-                                     global_batch // num_chunks)
+      pair_params = sample_params(view_seed(seed, step, view), pairs, height, width, cfg, crop=cfg.equiv_crop)
+      params[name] = params_for_rows(pair_params, rows if equiv_rows is None else equiv_rows, global_batch // pairs)
   return params
 
 
@@ -275,17 +276,19 @@ def process_rows(images, rows, offset):
 
 
 def pretraining_views(images, seed: int, step, cfg: AugmentConfig, *, global_batch: int,
-                      num_chunks: int, offset, equiv_rows=None, with_equivariance: bool = True):
+                      num_chunks: int, offset, equiv_rows=None, num_pairs: int | None = None,
+                      with_equivariance: bool = True):
   """The four views of this process's rows [offset, offset + B_local) of a global batch.
 
   x1, x2: per-image parameters; e1, e2: one parameter set per chunk of
-  n = global_batch / num_chunks images, made for the global rows `equiv_rows`
-  alone where given (config_lib.local_equivariance_rows; None: every row).
-  Returns a dict of float32 tensors.
+  n = global_batch / num_chunks images (or per group of chunks: num_pairs sets),
+  made for the global rows `equiv_rows` alone where given
+  (config_lib.local_equivariance_rows; None: every row). Returns a dict of float32 tensors.
   """
   shape = tf.shape(images)
   params = view_params(seed, step, shape[1], shape[2], cfg, global_batch=global_batch, num_chunks=num_chunks,
-                       rows=offset + tf.range(shape[0]), equiv_rows=equiv_rows, with_equivariance=with_equivariance)
+                       rows=offset + tf.range(shape[0]), equiv_rows=equiv_rows, num_pairs=num_pairs,
+                       with_equivariance=with_equivariance)
   sources = {"x1": images, "x2": images}
   sources["e1"] = sources["e2"] = process_rows(images, equiv_rows, offset)
   # One apply per view, not one of the stacked views: tf.data runs the four

@@ -224,14 +224,15 @@ def apply(images, params: dict, cfg: AugmentConfig):
 
 
 def view_params(key, batch: int, height: int, width: int, cfg: AugmentConfig, *, num_chunks: int,
-                equiv_batch: int | None = None, with_equivariance: bool = True) -> list:
+                equiv_batch: int | None = None, num_pairs: int | None = None, with_equivariance: bool = True) -> list:
   """Each view's parameters for a batch, view v drawn from fold_in(key, v): x1, x2 one set
-  per image, e1, e2 one set per chunk, repeated over the chunk's equiv_batch / num_chunks
-  images (equiv_batch: the images given e1, e2, default the whole batch)."""
+  per image, e1, e2 one set per chunk (or per group of consecutive chunks: num_pairs sets),
+  repeated over its images (equiv_batch: the images given e1, e2, default the whole batch)."""
   params = [sample_params(jax.random.fold_in(key, view), batch, height, width, cfg) for view in (0, 1)]
   if with_equivariance:
-    params += [repeat_params(sample_params(jax.random.fold_in(key, view), num_chunks, height, width, cfg,
-                                           crop=cfg.equiv_crop), (equiv_batch or batch) // num_chunks)
+    pairs = num_pairs or num_chunks
+    params += [repeat_params(sample_params(jax.random.fold_in(key, view), pairs, height, width, cfg,
+                                           crop=cfg.equiv_crop), (equiv_batch or batch) // pairs)
                for view in (2, 3)]
   return params
 
@@ -258,14 +259,14 @@ def _interleaved_apply(images, params: list, cfg: AugmentConfig) -> list:
 
 
 def pretraining_views(images, key, cfg: AugmentConfig, *, num_chunks: int, equiv_batch: int | None = None,
-                      with_equivariance: bool = True) -> dict:
+                      num_pairs: int | None = None, with_equivariance: bool = True) -> dict:
   """The four views of a (global) uint8 batch, as augment.pretraining_views: each view
   `apply(images, view_params(...)[v])`, e1 and e2 of equivariance_images(images, ...) where
   equiv_batch is under the batch."""
   b, height, width, _ = images.shape
   equiv_batch = equiv_batch or b
   params = view_params(key, b, height, width, cfg, num_chunks=num_chunks, equiv_batch=equiv_batch,
-                       with_equivariance=with_equivariance)
+                       num_pairs=num_pairs, with_equivariance=with_equivariance)
   if equiv_batch == b or not with_equivariance:
     return dict(zip(("x1", "x2", "e1", "e2"), _interleaved_apply(images, params, cfg)))
   # Two applies: the e-views are made for fewer images.

@@ -74,6 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
   # equiv_batch_size / equiv_splits images of block k of batch_size / equiv_splits
   # (equivariance_rows): chunks stay on their devices, every device gives its share.
   c.equiv_batch_size = 0
+  # Augmentation pairs (a1, a2) the e-views draw per step, each shared by equiv_splits /
+  # equiv_augment_pairs consecutive chunks; 0 = one pair per chunk. The release's
+  # ImageNet-100 runs draw one per GPU, shared by its 4 chunks.
+  c.equiv_augment_pairs = 0
   # tf: tf.data on the host CPU (care_jax/augment.py); device: the dataset held on the
   # accelerator as uint8, shuffled and augmented inside the jitted step (care_jax/augment_jax.py).
   c.augment_backend = "tf"
@@ -166,7 +170,7 @@ def validate(config, num_devices: int = 1) -> None:
                 "proj_hidden_dim", "knn_k", "image_size"):
     _at_least(config, field, 1)
   for field in ("num_epochs", "num_train_steps", "warmup_epochs", "weight_decay", "equiv_weight", "equiv_batch_size",
-                "eval_every_steps", "checkpoint_every_steps", "linear_probe_epochs", "wahba_trials",
+                "equiv_augment_pairs", "eval_every_steps", "checkpoint_every_steps", "linear_probe_epochs", "wahba_trials",
                 "momentum", "knn_monitor_examples", "wahba_examples", "linear_probe_weight_decay"):
     _at_least(config, field, 0)
   _at_least(config, "keep_checkpoints", 1)
@@ -225,6 +229,10 @@ def validate(config, num_devices: int = 1) -> None:
     if equiv % splits:
       raise ConfigError(f"equiv_batch_size={equiv} is not divisible by equiv_splits={splits}; "
                         f"use a multiple of {splits} such as {max(1, equiv // splits) * splits}")
+    pairs = config.equiv_augment_pairs
+    if pairs and splits % pairs:
+      raise ConfigError(f"equiv_augment_pairs={pairs} does not divide equiv_splits={splits}; use a divisor "
+                        f"of {splits} (0 = one pair per chunk)")
     if equiv and equiv // splits < 2:
       raise ConfigError(f"equiv_batch_size={equiv} gives chunks of {equiv // splits} image "
                         f"(equiv_splits={splits}); a chunk needs >= 2 images: use equiv_batch_size >= {2 * splits}")
@@ -266,6 +274,11 @@ def uses_equivariance(config) -> bool:
 def equiv_batch(config) -> int:
   """Images per step given the e1/e2 views: equiv_batch_size, 0 meaning the whole batch."""
   return int(config.equiv_batch_size) or int(config.batch_size)
+
+
+def equiv_pairs(config) -> int:
+  """Augmentation pairs the e-views draw per step: equiv_augment_pairs, 0 meaning one per chunk."""
+  return int(config.equiv_augment_pairs) or int(config.equiv_splits)
 
 
 def equivariance_rows(global_batch: int, num_chunks: int, equiv_batch: int) -> np.ndarray:

@@ -151,11 +151,13 @@ def load_folder(root: str, image_size: int):
 def pretraining_dataset(data: ArrayDataset, *, seed: int, global_batch: int, num_chunks: int,
                         aug: augment.AugmentConfig, start_step: int = 0, num_steps: Optional[int] = None,
                         process_index: int = 0, process_count: int = 1, equiv_batch: Optional[int] = None,
-                        with_equivariance: bool = True, prefetch: int = 2) -> tf.data.Dataset:
+                        equiv_pairs: Optional[int] = None, with_equivariance: bool = True,
+                        prefetch: int = 2) -> tf.data.Dataset:
   """Batches of views for global steps start_step, start_step + 1, ...
 
   Yields dicts x1, x2 float32 [B_local, S, S, 3] (and e1, e2 for this process's
-  share of the equiv_batch rows, config_lib.equivariance_rows; default all), labels and step.
+  share of the equiv_batch rows, config_lib.equivariance_rows, default all, with
+  equiv_pairs augmentation pairs, default one per chunk), labels and step.
   """
   if global_batch % process_count:
     raise ValueError(f"batch_size={global_batch} is not divisible by the process count {process_count}")
@@ -175,7 +177,7 @@ def pretraining_dataset(data: ArrayDataset, *, seed: int, global_batch: int, num
     idx = order[start:start + local]
     views = augment.pretraining_views(tf.gather(images, idx), seed, step, aug, global_batch=global_batch,
                                       num_chunks=num_chunks, offset=offset, equiv_rows=equiv_rows,
-                                      with_equivariance=with_equivariance)
+                                      num_pairs=equiv_pairs, with_equivariance=with_equivariance)
     views["labels"] = tf.gather(labels, idx)
     views["step"] = step
     return views
@@ -286,8 +288,8 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
                                   global_batch: int, num_chunks: int, aug: augment.AugmentConfig,
                                   start_step: int = 0, num_steps: Optional[int] = None, process_index: int = 0,
                                   process_count: int = 1, equiv_batch: Optional[int] = None,
-                                  with_equivariance: bool = True, shuffle_buffer: int = 16384,
-                                  prefetch: int = 2) -> tf.data.Dataset:
+                                  equiv_pairs: Optional[int] = None, with_equivariance: bool = True,
+                                  shuffle_buffer: int = 16384, prefetch: int = 2) -> tf.data.Dataset:
   """Views for datasets too large for memory (imagenet2012, imagenet100), read as a tfds stream.
 
   Each process reads its own part of the split (tfds.split_for_jax_process),
@@ -332,7 +334,7 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
   @_graph_only
   def views(step, batch):
     params = augment.view_params(seed, step, size, size, aug, global_batch=global_batch, num_chunks=num_chunks,
-                                 rows=offset + tf.range(local), equiv_rows=equiv_rows,
+                                 rows=offset + tf.range(local), equiv_rows=equiv_rows, num_pairs=equiv_pairs,
                                  with_equivariance=with_equivariance)
     for view in ("x1", "x2"):  # already cropped per image, each to its own box
       params[view]["crop"] = tf.tile(whole[None], [local, 1])

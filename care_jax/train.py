@@ -236,6 +236,7 @@ def with_device_augmentation(train_step, config, aug) -> Callable:
     with jax.named_scope("augment"):
       views = augment_jax.pretraining_views(batch["images"], key, aug, num_chunks=config.equiv_splits,
                                             equiv_batch=config_lib.equiv_batch(config),
+                                            num_pairs=config_lib.equiv_pairs(config),
                                             with_equivariance=with_equivariance)
     return train_step(state, views)
 
@@ -463,7 +464,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
     common = dict(seed=config.seed, global_batch=config.batch_size, num_chunks=config.equiv_splits,
                   aug=evaluator.aug, start_step=start_step, num_steps=max(0, last_step - start_step),
                   process_index=jax.process_index(), process_count=jax.process_count(),
-                  equiv_batch=config_lib.equiv_batch(config), with_equivariance=len(views) == 4)
+                  equiv_batch=config_lib.equiv_batch(config), equiv_pairs=config_lib.equiv_pairs(config),
+                  with_equivariance=len(views) == 4)
     if streaming:
       batches = input_pipeline.streaming_pretraining_dataset(
           config.dataset, config.train_split, data_dir=config.data_dir or None, download=config.download, **common)

@@ -9,8 +9,8 @@ L_equi as the release computes it on its 4 GPUs (2 nodes x 2 V100, 64 images
 each, `--equiv-splits-per-gpu 4`, equivariant batch 128): e1, e2 for 128 of
 the 256 images (equiv_batch_size), in 16 chunks of 8 (4 per GPU there), which
 sets the loss's scale for lambda (a chunk of n images sums n(n-1) Gram
-differences over n). Two differences remain: there each GPU shares one
-augmentation pair over its 4 chunks, here every chunk draws its own; and the
+differences over n), with 4 augmentation pairs a step, each shared by 4
+chunks (one per GPU there; equiv_augment_pairs). One difference remains: the
 release syncs BatchNorm over its GPUs in CARE runs but not in its SimCLR
 baseline (per-GPU statistics over 64 images), where the SimCLR run here keeps
 global statistics like the CARE run, so the pair differs in the objective only.
@@ -43,6 +43,7 @@ def get_config():
   c.equiv_splits = 16  # chunks of 8 of the 128 equivariance images, the release's 4 GPUs x 4
   c.equiv_crop = False
   c.equiv_batch_size = 128  # the release's "equivariant batch size": e1, e2 for half the batch
+  c.equiv_augment_pairs = 4  # one pair per release GPU, shared by its 4 chunks of 8
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5000
   c.eval_every_steps = 0

@@ -7,7 +7,7 @@ configs/imagenet100_moco.py (MoCo-v2 on the release's ImageNet-100 settings)
 plus the equivariance loss exactly as in the SimCLR variant (inherited from
 configs/imagenet100_care.py): lambda 0.005, e1, e2 for 128 of the 256 images in
 16 chunks of 8 (a multiple of moco_bn_groups, so no chunk straddles a BatchNorm
-group), without the crop, through the query encoder. The release syncs
+group) with 4 augmentation pairs, without the crop, through the query encoder. The release syncs
 BatchNorm over its GPUs in this run (its CARE default) but not in the MoCo-v2
 baseline; both runs here keep MoCo's 4 shuffled groups, so the pair differs in
 the objective only (--config.moco_bn_groups=1 gives the release's statistics).
@@ -23,5 +23,5 @@ from care_jax import config_lib
 def get_config():
   c = config_lib.load_config_file(pathlib.Path(__file__).with_name("imagenet100_moco.py"))
   c.objective = "moco_care"
-  c.equiv_weight = 0.005  # equiv_splits, equiv_batch_size and equiv_crop: imagenet100_care.py's
+  c.equiv_weight = 0.005  # equiv_splits, _batch_size, _augment_pairs and _crop: imagenet100_care.py's
   return c

@@ -122,6 +122,22 @@ def test_chunks_share_one_augmentation_and_images_do_not():
     assert min(diffs) > 1e-3  # every image its own augmentation
 
 
+def test_chunks_can_share_augmentation_pairs_in_groups():
+  # equiv_augment_pairs: 4 chunks of 2, 2 pairs -> chunks 0, 1 share one pair and chunks 2, 3
+  # the other; with one pair per chunk (the default) the draws are the default's.
+  same = tf.tile(_images(1), [8, 1, 1, 1])
+  grouped = augment.pretraining_views(same, 5, 0, CFG, global_batch=8, num_chunks=4, offset=0, num_pairs=2)
+  per_chunk = augment.pretraining_views(same, 5, 0, CFG, global_batch=8, num_chunks=4, offset=0, num_pairs=4)
+  default = augment.pretraining_views(same, 5, 0, CFG, global_batch=8, num_chunks=4, offset=0)
+  for name in ("e1", "e2"):
+    e = grouped[name].numpy()
+    for group in (e[:4], e[4:]):
+      np.testing.assert_allclose(group, np.broadcast_to(group[:1], group.shape), atol=1e-6)
+    assert np.abs(e[0] - e[4]).max() > 1e-2
+    np.testing.assert_array_equal(per_chunk[name].numpy(), default[name].numpy())
+    assert np.abs(default[name].numpy()[0] - default[name].numpy()[2]).max() > 1e-2  # chunks 0 and 1 differ
+
+
 def test_same_seed_and_step_same_views_and_process_slices_agree():
   x = _images(8)
   a, b, c = _views(x, 3), _views(x, 3), _views(x, 4)

@@ -71,6 +71,19 @@ def test_device_views_share_parameters_within_chunks_and_repeat_per_key():
                                            with_equivariance=False)) == {"x1", "x2"}
 
 
+def test_device_chunks_can_share_augmentation_pairs_in_groups_of_the_sub_batch():
+  # 16 identical images, 8 chunks, e-views for 8 of them (one per chunk), 2 pairs:
+  # chunks 0-3 share one pair, chunks 4-7 the other.
+  images = jnp.asarray(np.repeat(_images(1, 16), 16, axis=0))
+  views = jax.jit(lambda x, k: augment_jax.pretraining_views(x, k, CFG, num_chunks=8, equiv_batch=8, num_pairs=2))(
+      images, jax.random.PRNGKey(3))
+  for name in ("e1", "e2"):
+    e = np.asarray(views[name])
+    for group in (e[:4], e[4:]):
+      np.testing.assert_allclose(group, np.broadcast_to(group[:1], group.shape), atol=1e-5)
+    assert np.abs(e[0] - e[4]).max() > 1e-2
+
+
 def test_an_equivariance_sub_batch_is_the_full_batchs_views_at_its_rows_and_stays_on_its_devices():
   # 16 images, 8 chunks, e1/e2 for 8 of them: rows 0, 2, 4, ... (the first of each block of 2),
   # with the chunk parameters the whole batch's views of those rows have.

@@ -116,6 +116,10 @@ def test_a_bad_equivariance_sub_batch_names_the_field_and_the_fix(value, expecte
     config_lib.validate(_smoke_config(equiv_batch_size=value), num_devices=8)
   assert str(err.value) == expected
   config_lib.validate(_smoke_config(equiv_batch_size=16), num_devices=8)  # 2 of each chunk's 4 images
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(_smoke_config(equiv_augment_pairs=3), num_devices=8)
+  assert str(err.value) == "equiv_augment_pairs=3 does not divide equiv_splits=8; use a divisor of 8 (0 = one pair per chunk)"
+  config_lib.validate(_smoke_config(equiv_augment_pairs=2), num_devices=8)
 
 
 # ------------------------------------------------------------------ runs
