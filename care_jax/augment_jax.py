@@ -245,16 +245,16 @@ def equivariance_images(images, num_chunks: int, equiv_batch: int):
   return blocks[:, :equiv_batch // num_chunks].reshape((equiv_batch,) + images.shape[1:])
 
 
-def _interleaved_apply(images, params: list, cfg: AugmentConfig) -> list:
-  """[apply(images, p) for p in params] as one apply over the images repeated and the
-  parameters interleaved (row i V + v: view v of image i, the layout the batched view
-  pass reads): one kernel per op instead of one per op and view (compiled for an H200:
-  125 -> 67 augmentation kernels a step, most of those left the per-view parameter
-  draws), and each row stays on the device that holds its image."""
+def _interleaved(images, params: list) -> tuple:
+  """(images repeated, parameters interleaved): row i V + v is view v of image i, the
+  layout the batched view pass reads, and each row stays on the device holding its image."""
   b, count = images.shape[0], len(params)
   interleave = lambda *leaves: jnp.stack(leaves, axis=1).reshape((b * count,) + leaves[0].shape[1:])
-  views = apply(jnp.repeat(images, count, axis=0), jax.tree.map(interleave, *params), cfg)
-  views = views.reshape((b, count) + views.shape[1:])
+  return jnp.repeat(images, count, axis=0), jax.tree.map(interleave, *params)
+
+
+def _deinterleave(views, count: int) -> list:
+  views = views.reshape((-1, count) + views.shape[1:])
   return [views[:, v] for v in range(count)]
 
 
@@ -262,14 +262,30 @@ def pretraining_views(images, key, cfg: AugmentConfig, *, num_chunks: int, equiv
                       num_pairs: int | None = None, with_equivariance: bool = True) -> dict:
   """The four views of a (global) uint8 batch, as augment.pretraining_views: each view
   `apply(images, view_params(...)[v])`, e1 and e2 of equivariance_images(images, ...) where
-  equiv_batch is under the batch."""
+  equiv_batch is under the batch.
+
+  All views come from ONE apply over the interleaved rows: one kernel per op instead of
+  one per op and view (compiled for an H200: 125 -> 67 augmentation kernels a step, most
+  of those left the per-view parameter draws). With fewer e-view images each block of
+  batch / num_chunks images contributes its x rows, then its e rows, so every row still
+  stays on its device. (Two applies of different sizes, x and e, made XLA:GPU's compiler
+  fail for an H100, "Couldn't find output tile sizes" on the resize dots, where either
+  apply alone compiled.)
+  """
   b, height, width, _ = images.shape
   equiv_batch = equiv_batch or b
   params = view_params(key, b, height, width, cfg, num_chunks=num_chunks, equiv_batch=equiv_batch,
                        num_pairs=num_pairs, with_equivariance=with_equivariance)
   if equiv_batch == b or not with_equivariance:
-    return dict(zip(("x1", "x2", "e1", "e2"), _interleaved_apply(images, params, cfg)))
-  # Two applies: the e-views are made for fewer images.
-  x1, x2 = _interleaved_apply(images, params[:2], cfg)
-  e1, e2 = _interleaved_apply(equivariance_images(images, num_chunks, equiv_batch), params[2:], cfg)
+    rows, row_params = _interleaved(images, params)
+    return dict(zip(("x1", "x2", "e1", "e2"), _deinterleave(apply(rows, row_params, cfg), len(params))))
+  x_rows, x_params = _interleaved(images, params[:2])
+  e_rows, e_params = _interleaved(equivariance_images(images, num_chunks, equiv_batch), params[2:])
+  blocks = lambda x: x.reshape((num_chunks, -1) + x.shape[1:])
+  by_block = lambda x, e: jnp.concatenate([blocks(x), blocks(e)], axis=1).reshape((-1,) + x.shape[1:])
+  views = blocks(apply(by_block(x_rows, e_rows), jax.tree.map(by_block, x_params, e_params), cfg))
+  x_per_block = x_rows.shape[0] // num_chunks
+  flat = lambda v: v.reshape((-1,) + v.shape[2:])
+  x1, x2 = _deinterleave(flat(views[:, :x_per_block]), 2)
+  e1, e2 = _deinterleave(flat(views[:, x_per_block:]), 2)
   return {"x1": x1, "x2": x2, "e1": e1, "e2": e2}
