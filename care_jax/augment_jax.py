@@ -237,12 +237,16 @@ def view_params(key, batch: int, height: int, width: int, cfg: AugmentConfig, *,
   return params
 
 
+def _blocks(x, num_chunks: int):
+  """[rows, ...] -> [num_chunks, rows / num_chunks, ...]: each chunk's block of consecutive rows."""
+  return x.reshape((num_chunks, -1) + x.shape[1:])
+
+
 def equivariance_images(images, num_chunks: int, equiv_batch: int):
   """The rows of config_lib.equivariance_rows, chunk after chunk: the first equiv_batch /
   num_chunks images of each block, taken as a reshape and a slice, which XLA keeps on the
   devices holding the blocks (a gather by row index could move them)."""
-  blocks = images.reshape((num_chunks, -1) + images.shape[1:])
-  return blocks[:, :equiv_batch // num_chunks].reshape((equiv_batch,) + images.shape[1:])
+  return _blocks(images, num_chunks)[:, :equiv_batch // num_chunks].reshape((equiv_batch,) + images.shape[1:])
 
 
 def _interleaved(images, params: list) -> tuple:
@@ -281,9 +285,9 @@ def pretraining_views(images, key, cfg: AugmentConfig, *, num_chunks: int, equiv
     return dict(zip(("x1", "x2", "e1", "e2"), _deinterleave(apply(rows, row_params, cfg), len(params))))
   x_rows, x_params = _interleaved(images, params[:2])
   e_rows, e_params = _interleaved(equivariance_images(images, num_chunks, equiv_batch), params[2:])
-  blocks = lambda x: x.reshape((num_chunks, -1) + x.shape[1:])
-  by_block = lambda x, e: jnp.concatenate([blocks(x), blocks(e)], axis=1).reshape((-1,) + x.shape[1:])
-  views = blocks(apply(by_block(x_rows, e_rows), jax.tree.map(by_block, x_params, e_params), cfg))
+  by_block = lambda x, e: jnp.concatenate([_blocks(x, num_chunks), _blocks(e, num_chunks)],
+                                          axis=1).reshape((-1,) + x.shape[1:])
+  views = _blocks(apply(by_block(x_rows, e_rows), jax.tree.map(by_block, x_params, e_params), cfg), num_chunks)
   x_per_block = x_rows.shape[0] // num_chunks
   flat = lambda v: v.reshape((-1,) + v.shape[2:])
   x1, x2 = _deinterleave(flat(views[:, :x_per_block]), 2)
