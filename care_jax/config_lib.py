@@ -75,8 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
   # (equivariance_rows): chunks stay on their devices, every device gives its share.
   c.equiv_batch_size = 0
   # Augmentation pairs (a1, a2) the e-views draw per step, each shared by equiv_splits /
-  # equiv_augment_pairs consecutive chunks; 0 = one pair per chunk. The release's
-  # ImageNet-100 runs draw one per GPU, shared by its 4 chunks.
+  # equiv_augment_pairs consecutive chunks; 0 = one pair per chunk (design.md). The
+  # release's CIFAR/STL step draws one per step for all chunks (vmap randomness='same';
+  # experiments/release_equiv_views.py), its ImageNet-100 runs one per GPU.
   c.equiv_augment_pairs = 0
   # tf: tf.data on the host CPU (care_jax/augment.py); device: the dataset held on the
   # accelerator as uint8, shuffled and augmented inside the jitted step (care_jax/augment_jax.py).

@@ -2,6 +2,10 @@
 
   python -m care_jax.main --config=configs/cifar10_care.py --workdir=runs/cifar10_care --config.data_dir=DIR
 
+L_equi's views as the release makes them: its chunks come from one
+vmap(process, randomness='same') call, which samples ONE augmentation pair
+per step for all chunks (experiments/release_equiv_views.py shows it), so
+equiv_augment_pairs=1; 0 gives design.md's one pair per chunk.
 Expected: paper Figure 4, ResNet-50 linear probe top-1 91.92% (SimCLR 90.98%).
 Needs the tfds cifar10 dataset prepared under DIR and an accelerator.
 """
@@ -22,6 +26,7 @@ def get_config():
   c.temperature = 0.5
   c.equiv_weight = 0.03
   c.equiv_splits = 16
+  c.equiv_augment_pairs = 1  # one pair per step, shared by all chunks (the release)
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   c.eval_every_steps = 5000

@@ -2,6 +2,10 @@
 
   python -m care_jax.main --config=configs/cifar10_equi_unif.py --workdir=runs/cifar10_equi_unif --config.data_dir=DIR
 
+L_equi's views as the release makes them: its chunks come from one
+vmap(process, randomness='same') call, which samples ONE augmentation pair
+per step for all chunks (experiments/release_equiv_views.py shows it), so
+equiv_augment_pairs=1; 0 gives design.md's one pair per chunk.
 Expected (paper Figure 2): well above random-init features, below SimCLR and CARE.
 Needs the tfds cifar10 dataset prepared under DIR and an accelerator.
 """
@@ -23,6 +27,7 @@ def get_config():
   c.objective = "equi_unif"
   c.equiv_weight = 1.0  # both terms at unit weight, the ablation as the paper writes it
   c.equiv_splits = 16
+  c.equiv_augment_pairs = 1  # one pair per step, shared by all chunks (the release)
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   c.eval_every_steps = 5000
