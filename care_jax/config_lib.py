@@ -50,6 +50,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_train_split = ""  # labelled split for kNN bank / linear probe; "" = train_split
   c.test_split = "test"
   c.image_size = 32
+  # Side at which the pretraining images are held and cropped from (in-memory datasets);
+  # 0 = image_size. The release's STL-10 runs crop 32x32 views from the 96x96 originals
+  # (source_image_size=96, image_size=32); evaluation images are resized to image_size.
+  c.source_image_size = 0
   # Model.
   c.model = "resnet18"
   c.model_stem = "cifar"
@@ -172,7 +176,8 @@ def validate(config, num_devices: int = 1) -> None:
     _at_least(config, field, 1)
   for field in ("num_epochs", "num_train_steps", "warmup_epochs", "weight_decay", "equiv_weight", "equiv_batch_size",
                 "equiv_augment_pairs", "eval_every_steps", "checkpoint_every_steps", "linear_probe_epochs", "wahba_trials",
-                "momentum", "knn_monitor_examples", "wahba_examples", "linear_probe_weight_decay"):
+                "momentum", "knn_monitor_examples", "wahba_examples", "linear_probe_weight_decay",
+                "source_image_size"):
     _at_least(config, field, 0)
   _at_least(config, "keep_checkpoints", 1)
   _at_least(config, "linear_probe_batch_size", 1)
@@ -195,6 +200,10 @@ def validate(config, num_devices: int = 1) -> None:
   except ValueError as e:
     raise ConfigError(f"model_width={config.model_width!r}: {e}; set --config.model_width=0.25 or similar") from None
   dataset = str(config.dataset)
+  if config.source_image_size and dataset in STREAMING_DATASETS:
+    raise ConfigError(f"source_image_size={config.source_image_size} applies to in-memory datasets; {dataset} is "
+                      "streamed and its views are cropped from the original images already: set "
+                      "--config.source_image_size=0")
   if not (dataset.startswith(_LOCAL_PREFIXES) or dataset in KNOWN_DATASETS or "/" in dataset):
     raise ConfigError(f"dataset={dataset!r} is not known; use one of {', '.join(KNOWN_DATASETS)}, "
                       f"npz:/path/file.npz or folder:/path/to/root.{did_you_mean(dataset, KNOWN_DATASETS)}")
@@ -270,6 +279,11 @@ def _validate_moco(config) -> None:
 def uses_equivariance(config) -> bool:
   """Whether the e1/e2 views are computed (SimCLR, or weight 0, skips them)."""
   return config.objective not in ("simclr", "moco") and config.equiv_weight > 0
+
+
+def source_size(config) -> int:
+  """Side of the pretraining images the views are cropped from: source_image_size, 0 meaning image_size."""
+  return int(config.source_image_size) or int(config.image_size)
 
 
 def equiv_batch(config) -> int:

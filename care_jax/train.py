@@ -426,8 +426,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
     num_train = input_pipeline.streaming_num_examples(config.dataset, config.train_split, config.data_dir or None,
                                                       config.download)
   else:
-    train_data = datasets.load_dataset(config.dataset, config.train_split, config.image_size,
-                                             config.data_dir or None, config.download)
+    train_data = datasets.load_dataset(config.dataset, config.train_split, config_lib.source_size(config),
+                                       config.data_dir or None, config.download)
     num_train = len(train_data.images)
   durations = config_lib.resolve_durations(config, num_train)
 
@@ -449,8 +449,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   to_global = global_batch_builder(mesh)
   # Final-report features go to workdir/features for later evaluations of the checkpoint.
   evaluator = evaluate.RunEvaluator(config, model, mesh, log=writer.note, cache_dir=workdir / "features")
-  if train_data is not None:
-    evaluator.add_data(config.train_split, train_data)
+  if train_data is not None and config_lib.source_size(config) == config.image_size:
+    evaluator.add_data(config.train_split, train_data)  # else the evaluator reads it at image_size
 
   views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
   last_step = durations.total_steps if stop_at_step is None else min(stop_at_step, durations.total_steps)

@@ -2,7 +2,12 @@
 
   python -m care_jax.main --config=configs/stl10_care.py --workdir=runs/stl10_care --config.data_dir=DIR
 
-Pretrains on unlabelled+train (105k images), evaluates on train/test.
+Pretrains on unlabelled+train (105k images), evaluates on train/test. At the
+release's resolution: its STL-10 pipeline crops every view to 32x32 from the
+96x96 originals (RandomResizedCrop(32)) and resizes evaluation images to 32
+(Resize(32)) for the CIFAR-stem ResNet-50, so image_size=32 with
+source_image_size=96: the training images stay 96x96 and the crops come from
+them, the evaluation splits are resized to 32 with antialiasing.
 L_equi's views as the release makes them: its chunks come from one
 vmap(process, randomness='same') call, which samples ONE augmentation pair
 per step for all chunks (experiments/release_equiv_views.py shows it), so
@@ -18,7 +23,8 @@ def get_config():
   c.dataset = "stl10"
   c.train_split = "unlabelled+train"
   c.eval_train_split = "train"
-  c.image_size = 96
+  c.image_size = 32  # the release trains and evaluates STL-10 at 32x32
+  c.source_image_size = 96  # views cropped from the 96x96 originals
   c.model = "resnet50"
   c.batch_size = 256
   c.num_epochs = 400.0

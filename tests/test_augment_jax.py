@@ -32,6 +32,28 @@ def test_same_parameters_give_the_same_views_as_tf(source_size):
   assert np.abs(got - want).mean() < 1e-4
 
 
+def test_views_cropped_from_a_larger_source_keep_its_detail():
+  # source_image_size: the release's STL-10 crops 32x32 views out of 96x96 images.
+  # A one-pixel checkerboard at 32x32 resized to 16 first is flat grey; a 16x16 box
+  # of the 32x32 source must come out as exactly its pixels, on both backends.
+  from care_jax import datasets
+  board = (np.add.outer(np.arange(32), np.arange(32)) % 2 * 255).astype(np.uint8)
+  images = np.repeat(np.broadcast_to(board[None, :, :, None], (2, 32, 32, 1)), 3, axis=3)
+  assert np.ptp(datasets.to_rgb_size(images, 16)[:, 2:-2, 2:-2]) <= 2  # the detail a pre-resize loses
+  boxes = np.array([[8, 4, 16, 16], [3, 11, 16, 16]], np.float32)  # (i, j, h, w)
+  off = np.zeros(2, bool)
+  params = {"crop": boxes, "flip": off, "jitter": off, "brightness": np.ones(2, np.float32),
+            "contrast": np.ones(2, np.float32), "saturation": np.ones(2, np.float32),
+            "jitter_order": np.tile(np.arange(4, dtype=np.int32), (2, 1)), "hue": np.zeros(2, np.float32),
+            "grayscale": off, "blur": off, "blur_sigma": np.ones(2, np.float32)}
+  want = np.stack([images[k, i:i + 16, j:j + 16] for k, (i, j, _, _) in enumerate(boxes.astype(int))])
+  want = (want / 255.0 - np.asarray(CFG.mean)) / np.asarray(CFG.std)
+  tf_views = augment.apply(tf.constant(images), {k: tf.constant(v) for k, v in params.items()}, CFG).numpy()
+  jax_views = np.asarray(jax.jit(augment_jax.apply, static_argnums=2)(jnp.asarray(images), params, CFG))
+  np.testing.assert_allclose(tf_views, want, atol=1e-4)
+  np.testing.assert_allclose(jax_views, want, atol=1e-4)
+
+
 def test_sampled_parameters_follow_the_reference_distributions():
   n = 4000
   jp = jax.device_get(augment_jax.sample_params(jax.random.PRNGKey(0), n, 32, 32, CFG))

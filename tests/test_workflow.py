@@ -122,6 +122,15 @@ def test_a_bad_equivariance_sub_batch_names_the_field_and_the_fix(value, expecte
   config_lib.validate(_smoke_config(equiv_augment_pairs=2), num_devices=8)
 
 
+def test_source_image_size_is_refused_for_streamed_datasets_with_the_fix():
+  config = config_lib.load_config_file(ROOT / "configs" / "imagenet100_care.py")
+  config.source_image_size = 256
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(config, num_devices=1)
+  assert str(err.value) == ("source_image_size=256 applies to in-memory datasets; imagenet100 is streamed and its "
+                            "views are cropped from the original images already: set --config.source_image_size=0")
+
+
 # ------------------------------------------------------------------ runs
 
 class _TrainStepCompiles(logging.Handler):
@@ -232,6 +241,37 @@ def test_training_that_diverges_stops_with_one_line_and_keeps_checkpoints(tmp_pa
   result = _main(SMOKE, f"--workdir={tmp_path / 'run'}", DEVICE_VIEWS, "--config.temperature=1e-30")
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert "NaN/inf" in result.stderr.strip().splitlines()[-1]
+
+
+@needs_fashion_mnist
+def test_views_are_cropped_from_images_held_at_source_image_size(tmp_path, monkeypatch):
+  # The release's STL-10 recipe (views cropped to 32 from the 96x96 originals), here
+  # as Fashion-MNIST held at its native 28x28 with 16x16 views: the step must crop
+  # from the 28x28 images, and evaluation must read its splits resized to 16, not
+  # reuse the training copy (a conv net would take 28x28 images without a word).
+  from care_jax import augment_jax, datasets, train
+  loads, shapes = [], []
+  load, views = datasets.load_dataset, augment_jax.pretraining_views
+
+  def recording_load(name, split, image_size, *args, **kwargs):
+    loads.append((split, image_size))
+    return load(name, split, image_size, *args, **kwargs)
+
+  def recording_views(images, *args, **kwargs):
+    out = views(images, *args, **kwargs)
+    shapes.append((images.shape[1:3], out["x1"].shape[1:3], out["e1"].shape[1:3]))
+    return out
+
+  monkeypatch.setattr(datasets, "load_dataset", recording_load)
+  monkeypatch.setattr(augment_jax, "pretraining_views", recording_views)
+  config = _smoke_config(num_train_steps=3, eval_every_steps=2, final_eval=False, augment_backend="device",
+                         source_image_size=28, eval_train_split="")  # the kNN bank: the pretraining split
+  assert train.train_and_evaluate(config, str(tmp_path / "run")) == {"step": 3, "status": "finished"}
+  assert loads[0] == ("train[:8192]", 28)  # pretraining: the native images
+  assert loads[1:] == [("train[:8192]", 16), ("test[:1024]", 16)]  # the kNN monitor's bank and queries
+  assert shapes == [((28, 28), (16, 16), (16, 16))]  # traced once: crops of 28x28 images to 16x16 views
+  assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+          if "knn_top1" in l] == [2]
 
 
 @needs_fashion_mnist
