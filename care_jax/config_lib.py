@@ -30,6 +30,7 @@ EQUIVARIANCE_FORMS = {"sphere": None, "hyperboloid": "minkowski", "symplectic": 
 DTYPES = ("float32", "bfloat16")
 VIEW_BATCHINGS = ("sequential", "batched")  # what each means: at c.view_batching below
 AUGMENT_BACKENDS = ("tf", "device")
+LINEAR_PROBE_PROTOCOLS = ("features", "augmented")
 # Datasets the input pipeline reads (besides npz:/folder: sources and other tfds names).
 KNOWN_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet2012", "imagenet100", "mnist",
                   "svhn_cropped")
@@ -120,6 +121,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.linear_probe_weight_decay = 1e-6
   c.linear_probe_batch_size = 512
   c.linear_probe_seeds = 1  # probes with seeds seed, seed+1, ...: mean and std
+  # features: the classifier on frozen features of unaugmented training images (fast: one
+  # extraction). augmented: the release's CIFAR/STL probe (its linear.py): SimCLR-augmented
+  # training images every epoch through the frozen backbone with BatchNorm in training mode,
+  # whose running statistics the test pass then uses (an encoder pass per image per epoch).
+  c.linear_probe_protocol = "features"
   c.wahba_trials = 20
   c.composition_trials = 10  # Corollary 1: pairs (a, b), ||R_{b o a} - R_b R_a||
   c.wahba_examples = 1000  # test images each sampled augmentation is applied to.
@@ -191,6 +197,7 @@ def validate(config, num_devices: int = 1) -> None:
   _choice(config, "geometry", GEOMETRIES)
   _choice(config, "augment_backend", AUGMENT_BACKENDS)
   _choice(config, "view_batching", VIEW_BATCHINGS)
+  _choice(config, "linear_probe_protocol", LINEAR_PROBE_PROTOCOLS)
   _choice(config, "proj_head", resnet.PROJECTION_HEADS)
   _choice(config, "dtype", DTYPES)
   _choice(config, "model", tuple(sorted(resnet.STAGE_SIZES)))
@@ -200,6 +207,9 @@ def validate(config, num_devices: int = 1) -> None:
   except ValueError as e:
     raise ConfigError(f"model_width={config.model_width!r}: {e}; set --config.model_width=0.25 or similar") from None
   dataset = str(config.dataset)
+  if config.linear_probe_protocol == "augmented" and dataset in STREAMING_DATASETS:
+    raise ConfigError(f"linear_probe_protocol='augmented' needs the probe's training split in memory; {dataset} "
+                      "is streamed: set --config.linear_probe_protocol=features")
   if config.source_image_size and dataset in STREAMING_DATASETS:
     raise ConfigError(f"source_image_size={config.source_image_size} applies to in-memory datasets; {dataset} is "
                       "streamed and its views are cropped from the original images already: set "

@@ -12,7 +12,10 @@ on the device backend is evaluated without TensorFlow too.
                      queries and the bank are both processed in chunks (a running
                      top-k per query), so device memory is bounded for any bank
   linear_probe       softmax regression on frozen features, Adam with L2 weight
-                     decay (the release's protocol), top-1/top-5 on the test split
+                     decay (the release's optimiser), top-1/top-5 on the test split
+  augmented_linear_probe  the release's CIFAR/STL probe: the classifier trained on
+                     augmented images through the frozen backbone, BatchNorm in
+                     training mode (its statistics move), then the test pass
   wahba_trial        Wahba error and gamma_f of one augmentation applied to a set
 """
 
@@ -143,6 +146,33 @@ def knn_accuracy(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray,
 
 # ------------------------------------------------------------------ linear probe
 
+def _classifier_init(key, dim: int, num_classes: int) -> dict:
+  # torch.nn.Linear's default weight init, so a short probe starts where the release's does.
+  bound = 1.0 / np.sqrt(dim)
+  return {"w": random_util.drawn_flat(jax.random.uniform, key, (dim, num_classes), dtype=jnp.float32,
+                                      minval=-bound, maxval=bound),
+          "b": jnp.zeros((num_classes,), jnp.float32)}
+
+
+def _classifier_loss(p, x, y):
+  logits = x @ p["w"] + p["b"]
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+
+def _probe_optimizer(learning_rate: float, weight_decay: float):
+  # L2 weight decay added to the gradient: torch.optim.Adam's weight_decay, as the release.
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+
+
+def probe_accuracy(classifier: dict, test_x: np.ndarray, test_y: np.ndarray, num_classes: int) -> dict:
+  """Top-1 / top-5 (percent) of the linear classifier on test features."""
+  logits = np.asarray(jnp.asarray(test_x, jnp.float32) @ classifier["w"] + classifier["b"])
+  ranked = np.argsort(-logits, axis=1, kind="stable")
+  test_y = np.asarray(test_y)
+  return {"top1": 100.0 * float(np.mean(ranked[:, 0] == test_y)),
+          "top5": 100.0 * float(np.mean(np.any(ranked[:, :min(5, num_classes)] == test_y[:, None], axis=1)))}
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
                  num_classes: int, epochs: int = 100, learning_rate: float = 1e-3,
                  weight_decay: float = 1e-6, batch_size: int = 512, seed: int = 0) -> dict:
@@ -157,17 +187,9 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
   n, dim = train_x.shape
   batch_size = min(batch_size, n)
   steps = n // batch_size
-  tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+  tx = _probe_optimizer(learning_rate, weight_decay)
   init_key, key = jax.random.split(jax.random.PRNGKey(seed))
-  # torch.nn.Linear's default init, so a short probe starts where the release's does.
-  bound = 1.0 / np.sqrt(dim)
-  params = {"w": random_util.drawn_flat(jax.random.uniform, init_key, (dim, num_classes), dtype=jnp.float32,
-                                        minval=-bound, maxval=bound),
-            "b": jnp.zeros((num_classes,), jnp.float32)}
-
-  def loss_fn(p, x, y):
-    logits = x @ p["w"] + p["b"]
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+  params = _classifier_init(init_key, dim, num_classes)
 
   @jax.jit
   def run(p, opt_state):
@@ -177,7 +199,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
 
       def step(carry, idx):
         p, opt_state = carry
-        grads = jax.grad(loss_fn)(p, train_x[idx], train_y[idx])
+        grads = jax.grad(_classifier_loss)(p, train_x[idx], train_y[idx])
         updates, opt_state = tx.update(grads, opt_state, p)
         return (optax.apply_updates(p, updates), opt_state), None
 
@@ -186,12 +208,83 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     return jax.lax.scan(epoch, (p, opt_state), jnp.arange(epochs))[0]
 
   params, _ = run(params, tx.init(params))
-  logits = np.asarray(jnp.asarray(test_x, jnp.float32) @ params["w"] + params["b"])
-  ranked = np.argsort(-logits, axis=1, kind="stable")
-  test_y = np.asarray(test_y)
-  return {"top1": 100.0 * float(np.mean(ranked[:, 0] == test_y)),
-          "top5": 100.0 * float(np.mean(np.any(ranked[:, :min(5, num_classes)] == test_y[:, None], axis=1))),
-          "epochs": epochs, "seed": seed}
+  return {**probe_accuracy(params, test_x, test_y, num_classes), "epochs": epochs, "seed": seed}
+
+
+def augmented_probe_order(key, epoch: int, n: int, batch_size: int):
+  """Epoch `epoch`'s batches (row indices [steps, batch_size], the remainder dropped)
+  and one augmentation key per batch."""
+  steps = n // batch_size
+  order = jax.random.permutation(jax.random.fold_in(key, 2 * epoch), n)[:steps * batch_size]
+  return order.reshape(steps, batch_size), jax.random.split(jax.random.fold_in(key, 2 * epoch + 1), steps)
+
+
+def backbone_features(model, images, train: bool):
+  """ContrastiveModel.apply(..., method=backbone_features): the backbone alone, as the
+  release's probe runs `net.f` (the projection head and its statistics stay out)."""
+  return model.backbone(images, train)
+
+
+@functools.partial(jax.jit, donate_argnums=0,
+                   static_argnames=("model", "aug", "batch_size", "learning_rate", "weight_decay", "rows"))
+def _augmented_probe_epoch(carry, epoch, key, images, labels, params, *, model, aug, batch_size: int,
+                           learning_rate: float, weight_decay: float, rows):
+  """One epoch of augmented_linear_probe; carry = (classifier, optimiser state, batch_stats).
+  Module-level and keyed on its static arguments: every seed, and the random-init
+  baseline, reuse one compiled program."""
+  n, height, width = images.shape[:3]
+  tx = _probe_optimizer(learning_rate, weight_decay)
+
+  def step(carry, batch):
+    classifier, opt_state, batch_stats = carry
+    idx, view_key = batch
+    x = jax.lax.with_sharding_constraint(jnp.take(images, idx, axis=0), rows)
+    views = augment_jax.apply(x, augment_jax.sample_params(view_key, batch_size, height, width, aug), aug)
+    features, moved = model.apply({"params": params, "batch_stats": batch_stats}, views, train=True,
+                                  mutable=["batch_stats"], method=backbone_features)
+    grads = jax.grad(_classifier_loss)(classifier, jax.lax.stop_gradient(features.astype(jnp.float32)),
+                                       labels[idx])
+    updates, opt_state = tx.update(grads, opt_state, classifier)
+    return (optax.apply_updates(classifier, updates), opt_state, moved["batch_stats"]), None
+
+  return jax.lax.scan(step, carry, augmented_probe_order(key, epoch, n, batch_size))[0]
+
+
+def augmented_linear_probe(model, variables, images: np.ndarray, labels: np.ndarray, *, num_classes: int, aug,
+                           mesh, epochs: int = 100, learning_rate: float = 1e-3, weight_decay: float = 1e-6,
+                           batch_size: int = 512, seed: int = 0):
+  """The release's CIFAR/STL probe (its linear.py): (classifier, variables after the probe).
+
+  Softmax regression on the frozen backbone's features of SimCLR-augmented
+  training images, augmented afresh every epoch (augment_jax, per image), with
+  the backbone's BatchNorm in training mode: batch statistics normalise each
+  batch and the running statistics move (the release calls net.train() on the
+  frozen encoder). The test pass then embeds the test split in inference mode
+  with the returned variables, whose running statistics the probe moved.
+  Adam with L2 weight decay as `linear_probe`. One difference: the release
+  keeps each epoch's last partial batch; here it is dropped (one compiled step).
+  The training images stay on the devices (replicated, as DeviceFeed); each
+  step's batch is gathered there and sharded along 'data'.
+  """
+  from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
+  n, height, width = images.shape[:3]
+  replicated = NamedSharding(mesh, P())
+  images = jax.device_put(np.asarray(images, np.uint8), replicated)
+  labels = jax.device_put(np.asarray(labels, np.int32), replicated)
+  features_shape = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, height, width, 3)), train=False,
+                                                        method=backbone_features), variables)
+  init_key, key = jax.random.split(jax.random.PRNGKey(seed))
+  classifier = _classifier_init(init_key, features_shape.shape[-1], num_classes)
+  static = dict(model=model, aug=aug, batch_size=min(batch_size, n), learning_rate=float(learning_rate),
+                weight_decay=float(weight_decay), rows=NamedSharding(mesh, P("data")))
+  # A copy of the statistics: the epochs donate their carry, and the caller's
+  # variables (the training state's) must outlive the probe.
+  carry = (classifier, _probe_optimizer(learning_rate, weight_decay).init(classifier),
+           jax.tree.map(jnp.copy, variables["batch_stats"]))
+  for epoch in range(epochs):
+    carry = _augmented_probe_epoch(carry, epoch, key, images, labels, variables["params"], **static)
+  classifier, _, batch_stats = carry
+  return classifier, {**variables, "batch_stats": batch_stats}
 
 
 # ------------------------------------------------------------------ geometry
@@ -232,7 +325,8 @@ def summarize_trials(trials: list, n: int) -> dict:
           "form_preservation_error": mean("form_preservation_error"), "wahba_examples": n, "wahba_trials": trials}
 
 
-__all__ = ["extract_features", "knn_accuracy", "linear_probe", "wahba_trial", "summarize_trials", "to_host"]
+__all__ = ["extract_features", "knn_accuracy", "linear_probe", "augmented_linear_probe", "probe_accuracy",
+           "wahba_trial", "summarize_trials", "to_host"]
 
 
 # ------------------------------------------------------------------ a run's report
@@ -306,6 +400,7 @@ class RunEvaluator:
     from care_jax import train  # noqa: PLC0415 (train imports us)
     self.config = config
     self.log = log
+    self.model, self.mesh = model, mesh
     self.embed_fn = train.make_embed_fn(model, mesh)
     self.to_global = train.global_batch_builder(mesh)
     self.aug = augment_config(config.dataset, config.image_size, config.equiv_crop)
@@ -317,13 +412,16 @@ class RunEvaluator:
     """Splits too large for memory (ImageNet): features are extracted from a tf.data stream."""
     return self.config.dataset in config_lib.STREAMING_DATASETS
 
-  def data(self, split: str):
-    """A whole split in memory (not for streaming datasets: see _batches and _subset)."""
+  def data(self, split: str, size: int = 0):
+    """A whole split in memory at side `size` (default image_size; not for streaming
+    datasets: see _batches and _subset)."""
     split = split or self.config.train_split
-    if split not in self._data:
-      c = self.config
-      self._data[split] = datasets.load_dataset(c.dataset, split, c.image_size, c.data_dir or None, c.download)
-    return self._data[split]
+    c = self.config
+    size = size or c.image_size
+    key = split if size == c.image_size else (split, size)
+    if key not in self._data:
+      self._data[key] = datasets.load_dataset(c.dataset, split, size, c.data_dir or None, c.download)
+    return self._data[key]
 
   def num_classes(self) -> int:
     c = self.config
@@ -391,16 +489,35 @@ class RunEvaluator:
                         k=c.knn_k, temperature=c.knn_temperature)
 
   def linear_probe(self, variables, tag, seeds: int = 1) -> dict:
+    """linear_probe_protocol 'features': on the frozen features of unaugmented images;
+    'augmented': the release's CIFAR/STL probe (augmented_linear_probe)."""
     c = self.config
-    train_f, _, train_y = self.features(variables, tag, c.eval_train_split or c.train_split)
-    test_f, _, test_y = self.features(variables, tag, c.test_split)
-    runs = [linear_probe(train_f, train_y, test_f, test_y, num_classes=self.num_classes(),
-                         epochs=c.linear_probe_epochs, learning_rate=c.linear_probe_lr,
-                         weight_decay=c.linear_probe_weight_decay, batch_size=c.linear_probe_batch_size,
-                         seed=c.seed + s) for s in range(max(1, seeds))]
+    common = dict(num_classes=self.num_classes(), epochs=c.linear_probe_epochs, learning_rate=c.linear_probe_lr,
+                  weight_decay=c.linear_probe_weight_decay, batch_size=c.linear_probe_batch_size)
+    train_split = c.eval_train_split or c.train_split
+    if c.linear_probe_protocol == "augmented":
+      runs = [self._augmented_linear_probe(variables, train_split, seed=c.seed + s, **common)
+              for s in range(max(1, seeds))]
+    else:
+      train_f, _, train_y = self.features(variables, tag, train_split)
+      test_f, _, test_y = self.features(variables, tag, c.test_split)
+      runs = [linear_probe(train_f, train_y, test_f, test_y, seed=c.seed + s, **common) for s in range(max(1, seeds))]
     top1 = np.array([r["top1"] for r in runs])
     return {"top1": float(top1.mean()), "top1_std": float(top1.std()), "top5": float(np.mean([r["top5"] for r in runs])),
-            "seeds": [r["seed"] for r in runs], "top1_per_seed": top1.tolist(), "epochs": c.linear_probe_epochs}
+            "seeds": [r["seed"] for r in runs], "top1_per_seed": top1.tolist(), "epochs": c.linear_probe_epochs,
+            "protocol": c.linear_probe_protocol}
+
+  def _augmented_linear_probe(self, variables, train_split: str, *, seed: int, num_classes: int, **kwargs) -> dict:
+    # Cropped from the images at the side pretraining crops from (STL-10: the 96x96
+    # originals), as the release's probe augments its originals; tested at image_size.
+    data = self.data(train_split, config_lib.source_size(self.config))
+    classifier, probed = augmented_linear_probe(self.model, variables, data.images, data.labels,
+                                                num_classes=num_classes, aug=self.aug, mesh=self.mesh, seed=seed,
+                                                **kwargs)
+    # The test features under the running statistics the probe left: never cached.
+    test_f, _, test_y = extract_features(self.embed_fn, probed, self._batches(self.config.test_split, 0),
+                                         self.to_global)
+    return {**probe_accuracy(classifier, test_f, test_y, num_classes), "seed": seed}
 
   def _subset(self, variables, tag):
     """The first wahba_examples test images and their unaugmented embeddings.

@@ -6,6 +6,8 @@ L_equi's views as the release makes them: its chunks come from one
 vmap(process, randomness='same') call, which samples ONE augmentation pair
 per step for all chunks (experiments/release_equiv_views.py shows it), so
 equiv_augment_pairs=1; 0 gives design.md's one pair per chunk.
+The linear probe is the release's (linear_probe_protocol='augmented'): augmented
+training images through the frozen encoder with BatchNorm in training mode.
 Expected: paper Figure 4, ResNet-50 linear probe top-1 91.92% (SimCLR 90.98%).
 Needs the tfds cifar10 dataset prepared under DIR and an accelerator.
 """
@@ -30,4 +32,5 @@ def get_config():
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   c.eval_every_steps = 5000
+  c.linear_probe_protocol = "augmented"  # the release's linear.py
   return c

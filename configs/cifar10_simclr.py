@@ -2,6 +2,8 @@
 
   python -m care_jax.main --config=configs/cifar10_simclr.py --workdir=runs/cifar10_simclr --config.data_dir=DIR
 
+The linear probe is the release's (linear_probe_protocol='augmented'): augmented
+training images through the frozen encoder with BatchNorm in training mode.
 Expected: paper Figure 4, ResNet-50 linear probe top-1 90.98% (CARE 91.92%).
 Needs the tfds cifar10 dataset prepared under DIR and an accelerator.
 """
@@ -26,4 +28,5 @@ def get_config():
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   c.eval_every_steps = 5000
+  c.linear_probe_protocol = "augmented"  # the release's linear.py
   return c

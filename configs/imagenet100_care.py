@@ -15,6 +15,10 @@ release syncs BatchNorm over its GPUs in CARE runs but not in its SimCLR
 baseline (per-GPU statistics over 64 images), where the SimCLR run here keeps
 global statistics like the CARE run, so the pair differs in the objective only.
 Expected: paper Figure 4, linear probe top-1 76.69% (SimCLR 72.79%).
+The probe here is the frozen-feature one (linear_probe_protocol='features'):
+the release evaluates ImageNet-100 with MoCo's main_lincls.py (SGD lr 30,
+RandomResizedCrop(224) + flip, BatchNorm frozen, the best of 100 epochs),
+which care-jax does not implement, so expect its figures to differ.
 Data: tfds imagenet2012 prepared under data_dir (manual download), filtered to
 the release's 100 classes (CMC's list) and streamed for pretraining, each
 process reading its own part. Evaluation streams its splits too, holding only

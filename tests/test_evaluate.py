@@ -131,3 +131,109 @@ def test_tensorboard_events_are_read_back_by_tensorflow(tmp_path):
                   {"step": 7, "loss": 0.5, "images_per_sec": 310.0, "finite": True}]
   writer.truncate_after(5)
   assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3]
+
+
+# ------------------------------------------------------------------ the release's augmented probe
+
+def _smoke_model_and_variables(**overrides):
+  import jax
+  from care_jax import config_lib, train
+  config = config_lib.load_config_file(evaluate.config_lib.__file__.replace("care_jax/config_lib.py", "configs/quickstart.py"),
+                                       "smoke")
+  for k, v in overrides.items():
+    config[k] = v
+  model = train.build_model(config)
+  variables = model.init(jax.random.PRNGKey(1), np.zeros((2, 16, 16, 3), np.float32), train=False)
+  return config, model, variables
+
+
+def _numpy_adam_l2_step(p, grads, m, v, t, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
+  """torch.optim.Adam with weight_decay, written out: g += wd p, then Adam."""
+  out = {}
+  for k in p:
+    g = grads[k] + wd * p[k]
+    m[k] = b1 * m[k] + (1 - b1) * g
+    v[k] = b2 * v[k] + (1 - b2) * g * g
+    out[k] = p[k] - lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+  return out
+
+
+def test_augmented_probe_on_eight_devices_matches_a_plain_numpy_loop_and_moves_only_running_statistics():
+  # The release's linear.py: each step augments its batch afresh, runs the frozen
+  # backbone with BatchNorm in training mode (running statistics move, weights do
+  # not) and takes an Adam + L2 step on the classifier. Reference: one device, no
+  # jit or scan, the softmax gradient and Adam in NumPy.
+  import jax
+  from jax.sharding import Mesh
+  from care_jax import augment_jax
+  from care_jax.augment_config import augment_config
+  config, model, variables = _smoke_model_and_variables()
+  rng = np.random.default_rng(0)
+  n, classes, batch, epochs, lr, wd = 40, 4, 16, 2, 1e-2, 0.1  # 2 steps an epoch, 8 rows dropped
+  images = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+  labels = rng.integers(0, classes, n)
+  aug = augment_config("fashion_mnist", 16)
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  assert mesh.size == 8
+  clf, probed = evaluate.augmented_linear_probe(model, variables, images, labels, num_classes=classes, aug=aug,
+                                                mesh=mesh, epochs=epochs, learning_rate=lr, weight_decay=wd,
+                                                batch_size=batch, seed=3)
+  init_key, key = jax.random.split(jax.random.PRNGKey(3))
+  f_dim = clf["w"].shape[0]
+  p = {k: np.asarray(v, np.float64) for k, v in evaluate._classifier_init(init_key, f_dim, classes).items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v2 = {k: np.zeros_like(v) for k, v in p.items()}
+  stats, t = variables["batch_stats"], 0
+
+  @jax.jit  # one batch: augment, then the backbone in training mode (on one device)
+  def features(stats, x, view_key):
+    views = augment_jax.apply(x, augment_jax.sample_params(view_key, batch, 16, 16, aug), aug)
+    f, moved = model.apply({**variables, "batch_stats": stats}, views, train=True, mutable=["batch_stats"],
+                           method=lambda m, x, train: m.backbone(x, train))
+    # The head's statistics stay: the release's probe runs the backbone (net.f) alone.
+    return f, {**stats, "backbone": moved["batch_stats"]["backbone"]}
+
+  for epoch in range(epochs):
+    order, keys = evaluate.augmented_probe_order(key, epoch, n, batch)
+    for idx, view_key in zip(np.asarray(order), keys):
+      f, stats = features(stats, jax.device_put(images[idx], jax.devices()[0]), view_key)
+      f = np.asarray(f, np.float64)
+      logits = f @ p["w"] + p["b"]
+      probs = np.exp(logits - logits.max(1, keepdims=True))
+      probs /= probs.sum(1, keepdims=True)
+      d = (probs - np.eye(classes)[labels[idx]]) / batch
+      t += 1
+      p = _numpy_adam_l2_step(p, {"w": f.T @ d, "b": d.sum(0)}, m, v2, t, lr, wd)
+  np.testing.assert_allclose(np.asarray(clf["w"]), p["w"], rtol=2e-3, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(clf["b"]), p["b"], rtol=2e-3, atol=2e-5)
+  for got, want, before in zip(jax.tree.leaves(probed["batch_stats"]), jax.tree.leaves(stats),
+                               jax.tree.leaves(variables["batch_stats"])):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(probed["batch_stats"]),
+                                                   jax.tree.leaves(variables["batch_stats"])))
+  assert probed["params"] is variables["params"]  # the encoder's weights are never trained
+
+
+def test_the_evaluator_scores_the_augmented_probe_under_the_statistics_it_left(tmp_path):
+  # source_image_size=32, image_size=16 (STL-10's 96 -> 32): the probe trains on crops
+  # of the 32x32 originals and tests on the split resized to 16.
+  import jax
+  from jax.sharding import Mesh
+  rng = np.random.default_rng(1)
+  path = tmp_path / "tiny.npz"
+  images, labels = rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8), rng.integers(0, 3, 48)
+  np.savez(path, images=images, labels=labels)
+  config, model, variables = _smoke_model_and_variables(
+      dataset=f"npz:{path}", source_image_size=32, linear_probe_protocol="augmented", linear_probe_epochs=2,
+      linear_probe_batch_size=16, eval_batch_size=16)
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  evaluator = evaluate.RunEvaluator(config, model, mesh, log=lambda _: None)
+  got = evaluator.linear_probe(variables, "tag", seeds=2)
+  assert got["protocol"] == "augmented" and got["seeds"] == [config.seed, config.seed + 1]
+  test_images = evaluate.datasets.to_rgb_size(images, 16)
+  for seed, top1 in zip(got["seeds"], got["top1_per_seed"]):
+    clf, probed = evaluate.augmented_linear_probe(model, variables, images, labels, num_classes=3,
+                                                  aug=evaluator.aug, mesh=mesh, epochs=2, batch_size=16, seed=seed)
+    features = model.apply(probed, evaluate.datasets.normalized(test_images, evaluator.aug), train=False)[0]
+    assert top1 == pytest.approx(evaluate.probe_accuracy(clf, features, labels, 3)["top1"])
+  assert not evaluator._features  # nothing cached: the test features depend on the probe's statistics

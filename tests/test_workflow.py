@@ -131,6 +131,18 @@ def test_source_image_size_is_refused_for_streamed_datasets_with_the_fix():
                             "views are cropped from the original images already: set --config.source_image_size=0")
 
 
+def test_a_bad_linear_probe_protocol_names_the_field_and_the_fix():
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(_smoke_config(linear_probe_protocol="augment"), num_devices=8)
+  assert str(err.value).startswith("linear_probe_protocol='augment' is not known; choose one of features, augmented")
+  config = config_lib.load_config_file(ROOT / "configs" / "imagenet100_care.py")
+  config.linear_probe_protocol = "augmented"
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(config, num_devices=1)
+  assert str(err.value) == ("linear_probe_protocol='augmented' needs the probe's training split in memory; "
+                            "imagenet100 is streamed: set --config.linear_probe_protocol=features")
+
+
 # ------------------------------------------------------------------ runs
 
 class _TrainStepCompiles(logging.Handler):
