@@ -104,14 +104,14 @@ def random_resized_crop(image, seed, size: int, cfg: AugmentConfig):
   before images of different sizes can be batched."""
   shape = tf.shape(image)
   box = _sample_crop_boxes(seed, 1, shape[0], shape[1], cfg, True)[0]
-  return crop_resize(tf.cast(image, tf.float32)[None] / 255.0, box[None], size)[0]
+  return crop_resize(tf.cast(image, tf.float32)[None] / 255.0, box[None], size, antialias=cfg.antialias)[0]
 
 
-def resize_whole(image, size: int):
+def resize_whole(image, size: int, antialias: bool = False):
   """uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 1]: the full-image box, bilinear."""
   shape = tf.shape(image)
   box = tf.stack([0.0, 0.0, tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)])
-  return crop_resize(tf.cast(image, tf.float32)[None] / 255.0, box[None], size)[0]
+  return crop_resize(tf.cast(image, tf.float32)[None] / 255.0, box[None], size, antialias=antialias)[0]
 
 
 def params_for_rows(params, rows, rows_per_set: int = 1):
@@ -220,13 +220,33 @@ def _photometric_fn(input_scale: float, size: int, kernel_size: int, mean: tuple
   return photometric
 
 
-def crop_resize(x, crop, size: int, flip=None):
-  """[B, H, W, C] -> float32 [B, size, size, C]: pixel boxes (i, j, h, w) resampled bilinearly.
+def _antialiased_resize_matrix(start, length, in_size, out_size: int):
+  """[B, out, in]: PIL's bilinear resize of the crop, as augment_jax._antialiased_resize_matrix."""
+  scale = length / out_size
+  centre = start[:, None] + (tf.range(out_size, dtype=tf.float32) + 0.5)[None, :] * scale[:, None]
+  pixel = tf.cast(tf.range(in_size), tf.float32)[None, None, :] + 0.5
+  weight = tf.maximum(0.0, 1.0 - tf.abs(pixel - centre[..., None]) / tf.maximum(scale, 1.0)[:, None, None])
+  inside = tf.logical_and(pixel >= start[:, None, None], pixel < (start + length)[:, None, None])
+  weight = tf.where(inside, weight, 0.0)
+  return weight / tf.reduce_sum(weight, axis=-1, keepdims=True)
+
+
+def crop_resize(x, crop, size: int, flip=None, antialias: bool = False):
+  """[B, H, W, C] -> float32 [B, size, size, C]: pixel boxes (i, j, h, w) resampled bilinearly
+  (antialias: as PIL / torchvision's resized_crop, see AugmentConfig.antialias).
 
   `flip` [B] bool mirrors those images left-right for free: crop_and_resize
-  samples a box whose x1 > x2 from right to left. uint8 input gives 0..255.
+  samples a box whose x1 > x2 from right to left; the antialiased path reverses
+  the column weights. uint8 input gives 0..255.
   """
   shape = tf.shape(x)
+  if antialias:
+    i, j, h, w = tf.unstack(tf.cast(crop, tf.float32), axis=1)
+    rows = _antialiased_resize_matrix(i, h, shape[1], size)
+    cols = _antialiased_resize_matrix(j, w, shape[2], size)
+    if flip is not None:
+      cols = tf.where(flip[:, None, None], tf.reverse(cols, axis=[1]), cols)
+    return tf.einsum("bsh,bhwc,btw->bstc", rows, tf.cast(x, tf.float32), cols)
   h1 = tf.cast(shape[1] - 1, tf.float32)
   w1 = tf.cast(shape[2] - 1, tf.float32)
   i, j, h, w = tf.unstack(crop, axis=1)
@@ -241,7 +261,7 @@ def apply(images, params, cfg: AugmentConfig):
   """images uint8 [B, H, W, 3] (or float in [0, 1]) -> normalised float32 [B, S, S, 3] under `params`."""
   if images.dtype != tf.uint8:
     images = tf.cast(images, tf.float32)
-  x = crop_resize(images, params["crop"], cfg.image_size, flip=params["flip"])
+  x = crop_resize(images, params["crop"], cfg.image_size, flip=params["flip"], antialias=cfg.antialias)
   photometric = _photometric_fn(1.0 / 255.0 if images.dtype == tf.uint8 else 1.0, cfg.image_size,
                                  cfg.blur_kernel_size, tuple(cfg.mean), tuple(cfg.std))
   return photometric(x, params)

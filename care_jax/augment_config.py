@@ -39,6 +39,11 @@ class AugmentConfig:
   blur_sigma: tuple = (0.1, 2.0)
   # The release's ImageNet-100 setting: equivariance views without the crop.
   equiv_crop: bool = True
+  # How a crop box is resampled to image_size. False: bilinear through the box's corner
+  # pixels (tf.image.crop_and_resize), no antialiasing. True: torchvision / PIL's
+  # resized_crop, half-pixel centres and a triangle filter widened by the downscale
+  # factor, so a box bigger than the output is averaged, not aliased (the releases).
+  antialias: bool = False
 
   @property
   def blur_kernel_size(self) -> int:
@@ -51,7 +56,7 @@ def dataset_stats(name: str):
   return DATASET_STATS.get(base, _IMAGENET_STATS if "imagenet" in base else ((0.5,) * 3, (0.5,) * 3))
 
 
-def augment_config(dataset: str, image_size: int, equiv_crop: bool = True) -> AugmentConfig:
+def augment_config(dataset: str, image_size: int, equiv_crop: bool = True, antialias: bool = False) -> AugmentConfig:
   """The SimCLR augmentation settings with the dataset's normalisation statistics."""
   mean, std = dataset_stats(dataset)
-  return AugmentConfig(image_size=image_size, mean=mean, std=std, equiv_crop=equiv_crop)
+  return AugmentConfig(image_size=image_size, mean=mean, std=std, equiv_crop=equiv_crop, antialias=antialias)

@@ -105,8 +105,11 @@ def repeat_params(params: dict, n: int) -> dict:
 
 # ----------------------------------------------------------------------- applying
 
-def _resize_matrix(start, length, in_size: int, out_size: int):
-  """[B, out, in] bilinear taps of crop_and_resize for boxes [start, start + length - 1] (pixels)."""
+def _resize_matrix(start, length, in_size: int, out_size: int, antialias: bool = False):
+  """[B, out, in] resampling weights of the boxes [start, start + length) (pixels):
+  crop_and_resize's bilinear taps, or with antialias PIL's (_antialiased_resize_matrix)."""
+  if antialias:
+    return _antialiased_resize_matrix(start, length, in_size, out_size)
   steps = jnp.arange(out_size, dtype=jnp.float32)
   scale = (length - 1.0) / max(out_size - 1, 1)
   coord = start[:, None] + steps[None, :] * scale[:, None]  # [B, out]
@@ -115,6 +118,20 @@ def _resize_matrix(start, length, in_size: int, out_size: int):
   bottom = jnp.ceil(coord)
   one_hot = lambda idx: jax.nn.one_hot(idx.astype(jnp.int32), in_size, dtype=jnp.float32)
   return one_hot(top) * (1.0 - frac)[..., None] + one_hot(bottom) * frac[..., None]
+
+
+def _antialiased_resize_matrix(start, length, in_size: int, out_size: int):
+  """[B, out, in]: PIL's bilinear resize of the crop (torchvision's resized_crop). Output
+  pixel k centres at start + (k + 0.5) * scale in the source (scale = length / out);
+  source pixel p (centre p + 0.5) weighs max(0, 1 - |p + 0.5 - centre| / max(scale, 1)),
+  only inside the box, the weights normalised to sum 1."""
+  scale = length / out_size  # [B]
+  centre = start[:, None] + (jnp.arange(out_size, dtype=jnp.float32) + 0.5)[None, :] * scale[:, None]
+  pixel = jnp.arange(in_size, dtype=jnp.float32)[None, None, :] + 0.5
+  weight = jnp.maximum(0.0, 1.0 - jnp.abs(pixel - centre[..., None]) / jnp.maximum(scale, 1.0)[:, None, None])
+  inside = (pixel >= start[:, None, None]) & (pixel < (start + length)[:, None, None])
+  weight = jnp.where(inside, weight, 0.0)
+  return weight / jnp.sum(weight, axis=-1, keepdims=True)
 
 
 def _grayscale(x):
@@ -214,7 +231,7 @@ def apply(images, params: dict, cfg: AugmentConfig):
   _, height, width, _ = x.shape
   size = cfg.image_size
   i, j, h, w = (params["crop"][:, k] for k in range(4))
-  x = _separable(x, _resize_matrix(i, h, height, size), _resize_matrix(j, w, width, size))
+  x = _separable(x, _resize_matrix(i, h, height, size, cfg.antialias), _resize_matrix(j, w, width, size, cfg.antialias))
   x = jnp.where(params["flip"][:, None, None, None], x[:, :, ::-1, :], x)
   x = _color_jitter(x, params)
   x = jnp.where(params["grayscale"][:, None, None, None], jnp.broadcast_to(_grayscale(x), x.shape), x)

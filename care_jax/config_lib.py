@@ -55,6 +55,10 @@ def default_config() -> ml_collections.ConfigDict:
   # 0 = image_size. The release's STL-10 runs crop 32x32 views from the 96x96 originals
   # (source_image_size=96, image_size=32); evaluation images are resized to image_size.
   c.source_image_size = 0
+  # Crop resampling: False, bilinear through the box's corner pixels (crop_and_resize);
+  # True, torchvision's resized_crop (PIL bilinear: half-pixel centres, antialiased when
+  # the box is bigger than image_size), as the releases' pipelines resample.
+  c.resize_antialias = False
   # Model.
   c.model = "resnet18"
   c.model_stem = "cifar"

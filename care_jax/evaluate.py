@@ -403,7 +403,7 @@ class RunEvaluator:
     self.model, self.mesh = model, mesh
     self.embed_fn = train.make_embed_fn(model, mesh)
     self.to_global = train.global_batch_builder(mesh)
-    self.aug = augment_config(config.dataset, config.image_size, config.equiv_crop)
+    self.aug = augment_config(config.dataset, config.image_size, config.equiv_crop, config.resize_antialias)
     self._data, self._features = {}, {}
     self._cache_dir = cache_dir
 

@@ -324,7 +324,7 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
         augment.view_seed(seed, index, view), process_index)
     return {"x1": augment.random_resized_crop(image, per_image(0), size, aug),
             "x2": augment.random_resized_crop(image, per_image(1), size, aug),
-            "e": augment.resize_whole(image, size), "labels": tf.cast(ex["label"], tf.int32)}
+            "e": augment.resize_whole(image, size, aug.antialias), "labels": tf.cast(ex["label"], tf.int32)}
 
   ds = ds.skip(start_step * local).enumerate(start_step * local)
   ds = ds.map(sources, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

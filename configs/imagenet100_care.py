@@ -54,4 +54,5 @@ def get_config():
   c.knn_temperature = 0.2
   c.train_split = "train"
   c.test_split = "validation"
+  c.resize_antialias = True  # crops resampled as torchvision's resized_crop (PIL bilinear)
   return c

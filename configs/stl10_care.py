@@ -44,4 +44,5 @@ def get_config():
   c.checkpoint_every_steps = 2000
   c.eval_every_steps = 10000
   c.linear_probe_protocol = "augmented"  # the release's linear.py
+  c.resize_antialias = True  # crops resampled as torchvision's resized_crop (PIL bilinear)
   return c

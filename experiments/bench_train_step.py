@@ -77,6 +77,9 @@ def _config(model: str, width: float, batch: int, dtype: str, augment: str, view
   # One pair per chunk (design.md's sampling; the config follows the release's one per
   # step): the more sampling work, and the step every figure in the README was taken on.
   c.equiv_augment_pairs = 0
+  # crop_and_resize's bilinear taps (the config resamples as torchvision): the same
+  # einsum shapes, the resampling the README's figures were taken with.
+  c.resize_antialias = False
   c.augment_backend = "device" if augment == "device" else "tf"
   c.num_train_steps = 1000
   config_lib.validate(c, jax.device_count())
@@ -147,7 +150,8 @@ def model_and_step(config) -> tuple:
   tx = train.make_optimizer(config, schedule)
   step_fn = train.make_train_step(model, tx, config, schedule)
   if config.augment_backend == "device":
-    step_fn = train.with_device_augmentation(step_fn, config, augment_config(config.dataset, config.image_size))
+    step_fn = train.with_device_augmentation(step_fn, config, augment_config(config.dataset, config.image_size,
+                                                                                 antialias=config.resize_antialias))
   return model, tx, step_fn
 
 

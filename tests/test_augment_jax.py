@@ -1,4 +1,6 @@
 """The on-device backend against the tf.data reference: same parameters -> same views."""
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,16 +18,18 @@ def _images(n, size, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
+@pytest.mark.parametrize("antialias", [False, True])
 @pytest.mark.parametrize("source_size", [16, 28])  # same size, and a resize (Fashion-MNIST 28 -> 16 here)
-def test_same_parameters_give_the_same_views_as_tf(source_size):
+def test_same_parameters_give_the_same_views_as_tf(source_size, antialias):
+  cfg = dataclasses.replace(CFG, antialias=antialias)
   images = _images(64, source_size)
-  params = augment.sample_params(tf.constant([3, 4], tf.int64), 64, source_size, source_size, CFG)
+  params = augment.sample_params(tf.constant([3, 4], tf.int64), 64, source_size, source_size, cfg)
   # Force every branch to appear: half the images jittered/grey/blurred, the rest not.
   params = {k: v.numpy() for k, v in params.items()}
   for key in ("jitter", "grayscale", "blur", "flip"):
     params[key] = np.arange(64) % (2 if key != "grayscale" else 4) == 0
-  want = augment.apply(tf.constant(images), {k: tf.constant(v) for k, v in params.items()}, CFG).numpy()
-  got = np.asarray(jax.jit(augment_jax.apply, static_argnums=2)(jnp.asarray(images), params, CFG))
+  want = augment.apply(tf.constant(images), {k: tf.constant(v) for k, v in params.items()}, cfg).numpy()
+  got = np.asarray(jax.jit(augment_jax.apply, static_argnums=2)(jnp.asarray(images), params, cfg))
   # Bilinear taps and the hue round trip differ in float rounding only; the
   # views are in normalised units (std 0.2-0.3), so 2e-3 is ~1/8 of a grey level.
   np.testing.assert_allclose(got, want, atol=2e-3)
@@ -52,6 +56,33 @@ def test_views_cropped_from_a_larger_source_keep_its_detail():
   jax_views = np.asarray(jax.jit(augment_jax.apply, static_argnums=2)(jnp.asarray(images), params, CFG))
   np.testing.assert_allclose(tf_views, want, atol=1e-4)
   np.testing.assert_allclose(jax_views, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("box", [(5, 7, 30, 36), (0, 0, 48, 48), (10, 3, 9, 12)])  # down, down, up
+def test_antialiased_crops_resample_as_pil_on_both_backends(box):
+  # resize_antialias: torchvision's resized_crop on a PIL image, which the releases
+  # run: crop the box, then PIL's bilinear resize (antialiased when shrinking). PIL
+  # rounds to uint8 between its two passes, hence the one-grey-level tolerance.
+  from PIL import Image
+  cfg = augment.AugmentConfig(image_size=16, mean=(0.0,) * 3, std=(1.0,) * 3, antialias=True)
+  image = _images(1, 48, seed=4)
+  i, j, h, w = box
+  want = np.asarray(Image.fromarray(image[0]).crop((j, i, j + w, i + h)).resize((16, 16), Image.BILINEAR),
+                    np.float32)
+  off = np.zeros(1, bool)
+  params = {"crop": np.array([box], np.float32), "flip": off, "jitter": off, "brightness": np.ones(1, np.float32),
+            "contrast": np.ones(1, np.float32), "saturation": np.ones(1, np.float32),
+            "jitter_order": np.arange(4, dtype=np.int32)[None], "hue": np.zeros(1, np.float32),
+            "grayscale": off, "blur": off, "blur_sigma": np.ones(1, np.float32)}
+  tf_view = augment.apply(tf.constant(image), {k: tf.constant(v) for k, v in params.items()}, cfg).numpy()[0]
+  jax_view = np.asarray(jax.jit(augment_jax.apply, static_argnums=2)(jnp.asarray(image), params, cfg))[0]
+  for view in (tf_view, jax_view):
+    assert np.abs(view * 255 - want).max() <= 1.0 and np.abs(view * 255 - want).mean() < 0.35
+  # crop_and_resize's taps (antialias off) alias when shrinking: far from PIL there.
+  if h > 16:
+    plain = augment.apply(tf.constant(image), {k: tf.constant(v) for k, v in params.items()},
+                          dataclasses.replace(cfg, antialias=False)).numpy()[0]
+    assert np.abs(plain * 255 - want).mean() > 5
 
 
 def test_sampled_parameters_follow_the_reference_distributions():
