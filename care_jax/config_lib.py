@@ -95,6 +95,12 @@ def default_config() -> ml_collections.ConfigDict:
   # interleaved along the batch, BatchNorm statistics per view: the same loss, gradients
   # and statistics, bigger kernels and a quarter of the launches for an accelerator.
   c.view_batching = "sequential"
+  # Training-mode BatchNorm statistics per group of bn_groups consecutive images (each
+  # view apart), as nn.DataParallel's per-GPU BatchNorm on bn_groups GPUs computes them
+  # (the release's CIFAR/STL runs: 2 GPUs), the running statistics following group 0
+  # (DataParallel keeps GPU 0's buffers); 1 = statistics over the global batch.
+  # MoCo objectives group with moco_bn_groups instead.
+  c.bn_groups = 1
   # MoCo-v2 (objective moco / moco_care): EMA key encoder and a queue of negatives.
   c.moco_momentum = 0.99  # key encoder = m * key + (1 - m) * query, every step.
   c.moco_queue_size = 65536  # a multiple of batch_size.
@@ -202,6 +208,7 @@ def validate(config, num_devices: int = 1) -> None:
   _choice(config, "augment_backend", AUGMENT_BACKENDS)
   _choice(config, "view_batching", VIEW_BATCHINGS)
   _choice(config, "linear_probe_protocol", LINEAR_PROBE_PROTOCOLS)
+  _validate_bn_groups(config)
   _choice(config, "proj_head", resnet.PROJECTION_HEADS)
   _choice(config, "dtype", DTYPES)
   _choice(config, "model", tuple(sorted(resnet.STAGE_SIZES)))
@@ -288,6 +295,20 @@ def _validate_moco(config) -> None:
     raise ConfigError(f"equiv_splits={config.equiv_splits} gives chunks of {batch // config.equiv_splits} images "
                       f"that straddle the {groups} BatchNorm groups of {batch // groups}; use an equiv_splits "
                       f"that is a multiple of moco_bn_groups={groups}")
+
+
+def _validate_bn_groups(config) -> None:
+  _at_least(config, "bn_groups", 1)
+  groups = config.bn_groups
+  if groups == 1:
+    return
+  if config.objective in ("moco", "moco_care"):
+    raise ConfigError(f"bn_groups={groups} is for SimCLR-style objectives; objective={config.objective!r} groups "
+                      "its BatchNorm with moco_bn_groups: set --config.bn_groups=1")
+  for field in ("batch_size", "equiv_batch_size", "linear_probe_batch_size"):
+    if config[field] % groups:
+      raise ConfigError(f"bn_groups={groups} does not divide {field}={config[field]}; use a divisor of it "
+                        "(nn.DataParallel splits each batch evenly over its GPUs)")
 
 
 def uses_equivariance(config) -> bool:

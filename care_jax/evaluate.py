@@ -275,7 +275,9 @@ def augmented_linear_probe(model, variables, images: np.ndarray, labels: np.ndar
                                                         method=backbone_features), variables)
   init_key, key = jax.random.split(jax.random.PRNGKey(seed))
   classifier = _classifier_init(init_key, features_shape.shape[-1], num_classes)
-  static = dict(model=model, aug=aug, batch_size=min(batch_size, n), learning_rate=float(learning_rate),
+  groups = model.backbone.bn_groups  # full groups: a batch of the whole (small) split may not divide
+  static = dict(model=model, aug=aug, batch_size=min(batch_size, n // groups * groups),
+                learning_rate=float(learning_rate),
                 weight_decay=float(weight_decay), rows=NamedSharding(mesh, P("data")))
   # A copy of the statistics: the epochs donate their carry, and the caller's
   # variables (the training state's) must outlive the probe.
@@ -664,7 +666,8 @@ def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
-  overrides = {k: getattr(f, k) for k in ("linear_probe_seeds", "wahba_trials", "composition_trials")
+  overrides = {k: getattr(f, k) for k in ("linear_probe_seeds", "linear_probe_protocol", "linear_probe_epochs",
+                                          "wahba_trials", "composition_trials")
                if getattr(f, k) is not None}
   try:
     report = evaluate_workdir(f.workdir, f.step, overrides, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -680,6 +683,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
   flags.DEFINE_integer("step", None, "Evaluate the newest checkpoint at or before this step (default: latest).")
   flags.DEFINE_integer("linear_probe_seeds", None, "Override: number of linear-probe seeds.")
+  flags.DEFINE_string("linear_probe_protocol", None, "Override: features or augmented (the release's CIFAR/STL probe).")
+  flags.DEFINE_integer("linear_probe_epochs", None, "Override: linear-probe epochs.")
   flags.DEFINE_integer("wahba_trials", None, "Override: sampled augmentations in the Wahba report.")
   flags.DEFINE_integer("composition_trials", None, "Override: augmentation pairs in the Corollary-1 report.")
   app.run(main)

@@ -64,7 +64,8 @@ class MocoTrainState(TrainState):
 def build_model(config) -> resnet.ContrastiveModel:
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   return resnet.build_model(config.model, config.model_stem, config.model_width, dtype,
-                            config.proj_hidden_dim, config.proj_dim, config.geometry, config.proj_head)
+                            config.proj_hidden_dim, config.proj_dim, config.geometry, config.proj_head,
+                            config.bn_groups)
 
 
 def learning_rate_schedule(config, durations: config_lib.Durations) -> optax.Schedule:

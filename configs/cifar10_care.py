@@ -8,6 +8,8 @@ per step for all chunks (experiments/release_equiv_views.py shows it), so
 equiv_augment_pairs=1; 0 gives design.md's one pair per chunk.
 The linear probe is the release's (linear_probe_protocol='augmented'): augmented
 training images through the frozen encoder with BatchNorm in training mode.
+BatchNorm per half batch (bn_groups=2), as the release's nn.DataParallel on
+the 2 GPUs its scripts request computes it.
 Expected: paper Figure 4, ResNet-50 linear probe top-1 91.92% (SimCLR 90.98%).
 Needs the tfds cifar10 dataset prepared under DIR and an accelerator.
 """
@@ -34,4 +36,5 @@ def get_config():
   c.eval_every_steps = 5000
   c.linear_probe_protocol = "augmented"  # the release's linear.py
   c.resize_antialias = True  # crops resampled as torchvision's resized_crop (PIL bilinear)
+  c.bn_groups = 2  # its scripts: nn.DataParallel on 2 V100s, BatchNorm per GPU
   return c

@@ -224,17 +224,21 @@ def test_batchnorm_in_bfloat16_returns_bfloat16_values_and_input_gradients():
   assert variables["batch_stats"]["mean"].dtype == jnp.float32
 
 
-def test_batchnorm_over_interleaved_views_normalises_each_view_alone():
+@pytest.mark.parametrize("views, groups", [(3, 1), (3, 2), (1, 2)])
+def test_batchnorm_over_interleaved_views_normalises_each_view_alone(views, groups):
   # Rows i V + v hold view v of image i. Against NumPy float64: each view
   # normalised by its own mean and variance, the running averages updated
   # once per view in order (m^V s + sum_v m^(V-1-v) (1 - m) stat_v), and the
   # input gradient of L = sum(w * y) per view by the closed form above.
-  views, rng = 3, np.random.default_rng(2)
+  # groups = 2 (nn.DataParallel's per-GPU BatchNorm on 2 GPUs): each half of the
+  # images has its own statistics per view, the running averages follow the first.
+  rng = np.random.default_rng(2)
   view_of_row = np.tile(np.arange(views), 8)[:, None, None, None]
   offsets, spreads = 5.0 * np.arange(views), rng.uniform(0.5, 3.0, views)  # views differ in mean and spread
   x = (offsets[view_of_row] + spreads[view_of_row] * rng.normal(size=(8 * views, 2, 2, 4))).astype(np.float32)
+  x[len(x) // 2:] = 2.0 * x[len(x) // 2:] - 1.0  # the second half of the images: other statistics
   w = rng.normal(size=x.shape).astype(np.float32)
-  norm = resnet.BatchNorm(use_running_average=False, views=views)
+  norm = resnet.BatchNorm(use_running_average=False, views=views, groups=groups)
   variables = norm.init(jax.random.PRNGKey(0), x)
   stats0 = {"mean": jnp.asarray(rng.normal(size=4), jnp.float32), "var": jnp.asarray(rng.uniform(1, 2, 4), jnp.float32)}
   params = {"scale": jnp.asarray(rng.uniform(0.5, 2.0, 4), jnp.float32),
@@ -248,16 +252,20 @@ def test_batchnorm_over_interleaved_views_normalises_each_view_alone():
   assert set(variables["batch_stats"]) == {"mean", "var"}
   scale, bias = np.asarray(params["scale"], np.float64), np.asarray(params["bias"], np.float64)
   mean_run, var_run = np.asarray(stats0["mean"], np.float64), np.asarray(stats0["var"], np.float64)
-  for v in range(views):
-    xv, wv = x[v::views].astype(np.float64), w[v::views].astype(np.float64)
-    mean, var = xv.mean(axis=(0, 1, 2)), xv.var(axis=(0, 1, 2))
-    sigma = np.sqrt(var + 1e-5)
-    x_hat = (xv - mean) / sigma
-    np.testing.assert_allclose(np.asarray(y)[v::views], x_hat * scale + bias, rtol=1e-4, atol=1e-4)
-    expected = scale / sigma * (wv - wv.mean(axis=(0, 1, 2)) - x_hat * (wv * x_hat).mean(axis=(0, 1, 2)))
-    np.testing.assert_allclose(np.asarray(g_x)[v::views], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
-    mean_run, var_run = 0.9 * mean_run + 0.1 * mean, 0.9 * var_run + 0.1 * var
+  rows_per_group = len(x) // groups
+  for g in range(groups):
+    for v in range(views):
+      rows = np.arange(g * rows_per_group, (g + 1) * rows_per_group)[v::views]
+      xv, wv = x[rows].astype(np.float64), w[rows].astype(np.float64)
+      mean, var = xv.mean(axis=(0, 1, 2)), xv.var(axis=(0, 1, 2))
+      sigma = np.sqrt(var + 1e-5)
+      x_hat = (xv - mean) / sigma
+      np.testing.assert_allclose(np.asarray(y)[rows], x_hat * scale + bias, rtol=1e-4, atol=1e-4)
+      expected = scale / sigma * (wv - wv.mean(axis=(0, 1, 2)) - x_hat * (wv * x_hat).mean(axis=(0, 1, 2)))
+      np.testing.assert_allclose(np.asarray(g_x)[rows], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+      if g == 0:
+        mean_run, var_run = 0.9 * mean_run + 0.1 * mean, 0.9 * var_run + 0.1 * var
   np.testing.assert_allclose(np.asarray(stats["mean"]), mean_run, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(stats["var"]), var_run, rtol=1e-5)
-  with pytest.raises(ValueError, match="do not hold 3 interleaved views"):
+  with pytest.raises(ValueError, match=f"do not hold {views} interleaved views"):
     norm.apply({"params": params, "batch_stats": stats0}, x[:7], mutable=["batch_stats"])

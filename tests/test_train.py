@@ -85,13 +85,14 @@ def _assert_same_updates(new_a, new_b, old, rtol=2e-4):
     assert np.abs(da - db).max() <= rtol * np.abs(da).max() + 1e-9, (np.abs(da - db).max(), np.abs(da).max())
 
 
-@pytest.mark.parametrize("objective", ["care", "equi_unif"])
-def test_one_and_eight_devices_give_same_loss_gradients_and_updates(objective):
+@pytest.mark.parametrize("objective, bn_groups", [("care", 1), ("equi_unif", 1), ("care", 2)])
+def test_one_and_eight_devices_give_same_loss_gradients_and_updates(objective, bn_groups):
   # SGD (not Adam, whose normalisation hides a gradient scaled by N) with
   # momentum and weight decay; after one step the momentum buffer IS the
   # gradient, so comparing opt_state compares gradients. (A second step
   # amplifies round-off through BatchNorm to ~1e-3 on these 4-channel nets.)
-  config = _one_step_sgd_config(objective)
+  # bn_groups=2: the release's 2-GPU nn.DataParallel BatchNorm, per half batch.
+  config = _one_step_sgd_config(objective, bn_groups=bn_groups)
   batch = _batch(config)
   state0 = jax.device_get(_setup(config, jax.devices()[:1])[0])
   one_device, eight_devices = {}, {}
@@ -102,6 +103,9 @@ def test_one_and_eight_devices_give_same_loss_gradients_and_updates(objective):
   for key in ("loss", "info_nce", "equivariance", "grad_norm"):
     np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=5e-5)
   assert metrics1["equivariance"] > 0
+  if bn_groups > 1:  # the groups reach the model: the global-statistics step's loss differs
+    ungrouped = _run(_one_step_sgd_config(objective), jax.devices()[:1], batch)[1]
+    assert abs(float(ungrouped["loss"]) - float(metrics1["loss"])) > 1e-3
   _assert_same_updates(state8.params, state1.params, state0.params)
   _assert_same_updates(state8.batch_stats, state1.batch_stats, state0.batch_stats)
   _assert_same_updates(state8.opt_state, state1.opt_state, state0.opt_state)

@@ -131,6 +131,18 @@ def test_source_image_size_is_refused_for_streamed_datasets_with_the_fix():
                             "views are cropped from the original images already: set --config.source_image_size=0")
 
 
+def test_bad_batchnorm_groups_name_the_field_and_the_fix():
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(_smoke_config(bn_groups=3), num_devices=8)
+  assert str(err.value) == ("bn_groups=3 does not divide batch_size=32; use a divisor of it "
+                            "(nn.DataParallel splits each batch evenly over its GPUs)")
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(_smoke_config(bn_groups=2, objective="moco"), num_devices=8)
+  assert str(err.value) == ("bn_groups=2 is for SimCLR-style objectives; objective='moco' groups its BatchNorm "
+                            "with moco_bn_groups: set --config.bn_groups=1")
+  config_lib.validate(_smoke_config(bn_groups=2), num_devices=8)
+
+
 def test_a_bad_linear_probe_protocol_names_the_field_and_the_fix():
   with pytest.raises(config_lib.ConfigError) as err:
     config_lib.validate(_smoke_config(linear_probe_protocol="augment"), num_devices=8)

@@ -65,12 +65,18 @@ class BatchNorm(nn.Module):
   running averages end as those V passes in order leave them. Interleaving,
   not stacking view after view, keeps each image's views on the device that
   holds the image.
+
+  groups = G > 1 (training only): statistics per group of consecutive rows (of
+  each view), as nn.DataParallel's per-GPU BatchNorm computes them on G GPUs;
+  the running averages follow group 0 alone, as DataParallel keeps only the
+  first GPU's replica's buffers.
   """
   use_running_average: bool
   momentum: float = BATCHNORM_MOMENTUM
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   views: int = 1
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x):
@@ -82,23 +88,26 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       return self._normalise(x, ra_mean.value, ra_var.value, scale, bias)
     views = self.views if not self.is_initializing() else 1
-    if views == 1:
+    groups = self.groups if not self.is_initializing() else 1
+    if views == 1 and groups == 1:
       mean, var = _batch_moments(x, tuple(range(x.ndim - 1)))
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
       return self._normalise(x, mean, var, scale, bias)
-    if x.shape[0] % views:
-      raise ValueError(f"BatchNorm: {x.shape[0]} rows do not hold {views} interleaved views of each image")
-    by_view = x.reshape((x.shape[0] // views, views) + x.shape[1:])  # [images, V, ..., C]
-    mean, var = _batch_moments(by_view, (0,) + tuple(range(2, by_view.ndim - 1)))  # [V, C] each
-    # V updates in order: m^V s + sum_v m^(V-1-v) (1 - m) stat_v.
+    if x.shape[0] % (views * groups):
+      raise ValueError(f"BatchNorm: {x.shape[0]} rows do not hold {views} interleaved views of each image"
+                       + (f" in {groups} groups of images" if groups > 1 else ""))
+    split = x.reshape((groups, x.shape[0] // (groups * views), views) + x.shape[1:])  # [G, images, V, ..., C]
+    mean, var = _batch_moments(split, (1,) + tuple(range(3, split.ndim - 1)))  # [G, V, C] each
+    # V updates in order, from group 0's statistics: m^V s + sum_v m^(V-1-v) (1 - m) stat_v.
     m = self.momentum
     weights = jnp.asarray([(1 - m) * m ** (views - 1 - v) for v in range(views)], jnp.float32)
-    ra_mean.value = m ** views * ra_mean.value + weights @ mean
-    ra_var.value = m ** views * ra_var.value + weights @ var
-    per_view = (1, views) + (1,) * (by_view.ndim - 3) + features
-    return self._normalise(by_view, mean.reshape(per_view), var.reshape(per_view), scale, bias).reshape(x.shape)
+    ra_mean.value = m ** views * ra_mean.value + weights @ mean[0]
+    ra_var.value = m ** views * ra_var.value + weights @ var[0]
+    per_group_view = (groups, 1, views) + (1,) * (split.ndim - 4) + features
+    return self._normalise(split, mean.reshape(per_group_view), var.reshape(per_group_view), scale,
+                           bias).reshape(x.shape)
 
   def _normalise(self, x, mean, var, scale, bias):
     return ((x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias).astype(self.dtype)
@@ -140,8 +149,8 @@ def _batch_moments_bwd(axes, residuals, cotangents):
 _batch_moments.defvjp(_batch_moments_fwd, _batch_moments_bwd)
 
 
-def _norm(train: bool, dtype, views: int = 1, name=None):
-  return BatchNorm(use_running_average=not train, dtype=dtype, views=views, name=name)
+def _norm(train: bool, dtype, views: int = 1, groups: int = 1, name=None):
+  return BatchNorm(use_running_average=not train, dtype=dtype, views=views, groups=groups, name=name)
 
 
 def _conv(features, kernel, strides=1, dtype=jnp.float32, name=None):
@@ -151,13 +160,13 @@ def _conv(features, kernel, strides=1, dtype=jnp.float32, name=None):
                  param_dtype=jnp.float32, kernel_init=lecun_normal, name=name)
 
 
-def _shortcut(x, out: int, strides: int, train: bool, dtype, views: int):
+def _shortcut(x, out: int, strides: int, train: bool, dtype, views: int, groups: int):
   """Identity, or a 1x1 projection + BatchNorm where the shape changes (call
   from inside a compact method: the modules join the calling block)."""
   if strides == 1 and x.shape[-1] == out:
     return x
   x = _conv(out, 1, strides, dtype, name="proj_conv")(x)
-  return _norm(train, dtype, views, name="proj_bn")(x)
+  return _norm(train, dtype, views, groups, name="proj_bn")(x)
 
 
 class BasicBlock(nn.Module):
@@ -165,15 +174,17 @@ class BasicBlock(nn.Module):
   filters: int
   strides: int = 1
   dtype: Any = jnp.float32
+  bn_groups: int = 1
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool, views: int = 1):
+    g = self.bn_groups
     y = _conv(self.filters, 3, self.strides, self.dtype)(x)
-    y = nn.relu(_norm(train, self.dtype, views)(y))
+    y = nn.relu(_norm(train, self.dtype, views, g)(y))
     y = _conv(self.filters, 3, 1, self.dtype)(y)
-    y = _norm(train, self.dtype, views)(y)
-    return nn.relu(_shortcut(x, self.filters, self.strides, train, self.dtype, views) + y)
+    y = _norm(train, self.dtype, views, g)(y)
+    return nn.relu(_shortcut(x, self.filters, self.strides, train, self.dtype, views, g) + y)
 
 
 class Bottleneck(nn.Module):
@@ -181,15 +192,16 @@ class Bottleneck(nn.Module):
   filters: int
   strides: int = 1
   dtype: Any = jnp.float32
+  bn_groups: int = 1
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool, views: int = 1):
-    out = self.filters * self.expansion
-    y = nn.relu(_norm(train, self.dtype, views)(_conv(self.filters, 1, 1, self.dtype)(x)))
-    y = nn.relu(_norm(train, self.dtype, views)(_conv(self.filters, 3, self.strides, self.dtype)(y)))
-    y = _norm(train, self.dtype, views)(_conv(out, 1, 1, self.dtype)(y))
-    return nn.relu(_shortcut(x, out, self.strides, train, self.dtype, views) + y)
+    out, g = self.filters * self.expansion, self.bn_groups
+    y = nn.relu(_norm(train, self.dtype, views, g)(_conv(self.filters, 1, 1, self.dtype)(x)))
+    y = nn.relu(_norm(train, self.dtype, views, g)(_conv(self.filters, 3, self.strides, self.dtype)(y)))
+    y = _norm(train, self.dtype, views, g)(_conv(out, 1, 1, self.dtype)(y))
+    return nn.relu(_shortcut(x, out, self.strides, train, self.dtype, views, g) + y)
 
 
 class ResNet(nn.Module):
@@ -197,13 +209,15 @@ class ResNet(nn.Module):
 
   views = V > 1: the rows are V interleaved views of each image (row i V + v:
   view v of image i) and every BatchNorm normalises each view with its own
-  statistics; see BatchNorm.
+  statistics; bn_groups = G > 1: per group of consecutive rows too (per-GPU
+  BatchNorm); see BatchNorm.
   """
   stage_sizes: Sequence[int]
   block_cls: Any
   widths: Sequence[int]
   stem: str = "cifar"
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, images, train: bool = False, views: int = 1):
@@ -212,13 +226,13 @@ class ResNet(nn.Module):
       x = _conv(self.widths[0], 3, 1, self.dtype, name="stem_conv")(x)
     else:
       x = _conv(self.widths[0], 7, 2, self.dtype, name="stem_conv")(x)
-    x = nn.relu(_norm(train, self.dtype, views, name="stem_bn")(x))
+    x = nn.relu(_norm(train, self.dtype, views, self.bn_groups, name="stem_bn")(x))
     if self.stem == "imagenet":
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for i in range(blocks):
         strides = 2 if stage > 0 and i == 0 else 1
-        x = self.block_cls(width, strides, self.dtype)(x, train, views)
+        x = self.block_cls(width, strides, self.dtype, self.bn_groups)(x, train, views)
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
 
@@ -231,12 +245,13 @@ class ProjectionHead(nn.Module):
   out_dim: int = 128
   dtype: Any = jnp.float32
   batch_norm: bool = True
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool = False, views: int = 1):
     x = nn.Dense(self.hidden_dim, use_bias=not self.batch_norm, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=lecun_normal)(x)
-    x = nn.relu(_norm(train, self.dtype, views)(x) if self.batch_norm else x)
+    x = nn.relu(_norm(train, self.dtype, views, self.bn_groups)(x) if self.batch_norm else x)
     return nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=jnp.float32,
                     kernel_init=lecun_normal)(x).astype(jnp.float32)
 
@@ -289,30 +304,33 @@ def _scaled_widths(width: float):
   return tuple(max(1, int(round(c * w))) for c in _BASE_WIDTHS)
 
 
-def build_encoder(name: str, stem: str = "cifar", width: float = 1.0, dtype=jnp.float32) -> ResNet:
+def build_encoder(name: str, stem: str = "cifar", width: float = 1.0, dtype=jnp.float32,
+                  bn_groups: int = 1) -> ResNet:
   """The backbone: module.apply(variables, images, train=bool) -> features [B, F]."""
   if name not in STAGE_SIZES:
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(STAGE_SIZES))}")
   if stem not in STEMS:
     raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
   block = Bottleneck if name == "resnet50" else BasicBlock
-  return ResNet(STAGE_SIZES[name], block, _scaled_widths(width), stem, dtype)
+  return ResNet(STAGE_SIZES[name], block, _scaled_widths(width), stem, dtype, bn_groups)
 
 
 def build_model(name: str, stem: str = "cifar", width: float = 1.0, dtype=jnp.float32,
                 proj_hidden_dim: int = 512, proj_dim: int = 128, geometry: str = "sphere",
-                proj_head: str = "simclr") -> ContrastiveModel:
+                proj_head: str = "simclr", bn_groups: int = 1) -> ContrastiveModel:
   """Backbone + projection head; apply(...) returns (features, projections [B, proj_dim]).
 
   proj_head: 'simclr' (the release's, with BatchNorm) or 'mocov2' (no BatchNorm).
+  bn_groups: training-mode BatchNorm statistics per group of consecutive rows.
   """
   if geometry not in EMBEDDINGS:
     raise ValueError(f"unknown geometry {geometry!r}; choose one of {', '.join(EMBEDDINGS)}")
   if proj_head not in PROJECTION_HEADS:
     raise ValueError(f"unknown projection head {proj_head!r}; choose one of {', '.join(PROJECTION_HEADS)}")
   head_dim = proj_dim - 1 if geometry == "hyperboloid" else proj_dim
-  return ContrastiveModel(build_encoder(name, stem, width, dtype),
-                          ProjectionHead(proj_hidden_dim, head_dim, dtype, batch_norm=proj_head == "simclr"),
+  return ContrastiveModel(build_encoder(name, stem, width, dtype, bn_groups),
+                          ProjectionHead(proj_hidden_dim, head_dim, dtype, batch_norm=proj_head == "simclr",
+                                         bn_groups=bn_groups),
                           geometry)
 
 
