@@ -80,6 +80,9 @@ def _config(model: str, width: float, batch: int, dtype: str, augment: str, view
   # crop_and_resize's bilinear taps (the config resamples as torchvision): the same
   # einsum shapes, the resampling the README's figures were taken with.
   c.resize_antialias = False
+  # One BatchNorm over the batch, as the PyTorch reference on one GPU (the config's
+  # bn_groups=2 reproduces the release's two-GPU DataParallel statistics).
+  c.bn_groups = 1
   c.augment_backend = "device" if augment == "device" else "tf"
   c.num_train_steps = 1000
   config_lib.validate(c, jax.device_count())

@@ -224,7 +224,7 @@ def target_topology(target: str):
                      "with PYTHONPATH=.aot_site JAX_PLATFORMS=cpu") from None
 
 
-def compile_row(row, devices, equiv_batch: int = 0) -> dict:
+def compile_row(row, devices, equiv_batch: int = 0, bn_groups: int = 1) -> dict:
   """Lowers and compiles one row's train step for `devices`; no array is ever allocated.
   equiv_batch: the config's equiv_batch_size (0: e1, e2 for the whole batch)."""
   from care_jax import config_lib, train  # noqa: PLC0415
@@ -233,6 +233,7 @@ def compile_row(row, devices, equiv_batch: int = 0) -> dict:
   model_name, batch, dtype, augment, views = row
   config = bench_train_step._config(model_name, 1.0, batch, dtype, augment, views)
   config.equiv_batch_size = equiv_batch
+  config.bn_groups = bn_groups
   config_lib.validate(config, len(devices))
   mesh = train.make_mesh(devices)
   host_mesh = train.make_mesh(jax.devices("cpu")[:1])
@@ -271,6 +272,8 @@ def main(argv=None):
   parser.add_argument("--top", type=int, default=0, help="also list the N kernels that move the most bytes")
   parser.add_argument("--equiv-batch-size", type=int, default=0,
                       help="images given e1, e2 (config equiv_batch_size; 0: the whole batch)")
+  parser.add_argument("--bn-groups", type=int, default=1,
+                      help="BatchNorm statistics per group of images (config bn_groups; 1: the whole batch)")
   args = parser.parse_args(argv)
   from experiments.bench_train_step import _parse_row  # noqa: PLC0415
 
@@ -280,7 +283,7 @@ def main(argv=None):
   print(f"# CARE train step compiled ahead of time for {len(devices)} x {name} (experiments/gpu_targets/"
         f"{args.target}.txtpb) by XLA:GPU of jax {jax.__version__} on a CPU host: compiled, not run; "
         f"bf16 peak {peak / 1e12:.0f} TFLOP/s, HBM {bandwidth / 1e12:.2f} TB/s; "
-        f"equiv_batch_size {args.equiv_batch_size or 'the whole batch'}")
+        f"equiv_batch_size {args.equiv_batch_size or 'the whole batch'}, bn_groups {args.bn_groups}")
   header = (f"{'model':<9} {'B':>5} {'dtype':<8} {'augment':<7} {'views':<10} {'compile s':>9} {'kernels':>7} "
             f"{'convs':>5} {'syncs':>5} {'GFLOP/img':>9} {'conv GF/img':>11} {'MB/img':>7} {'XLA MB/img':>10} "
             f"{'FLOP ms':>7} {'HBM ms':>7}")
@@ -289,7 +292,7 @@ def main(argv=None):
   details = []
   for row in rows:
     model_name, batch, dtype, augment, views = row
-    r = compile_row(row, devices, args.equiv_batch_size)
+    r = compile_row(row, devices, args.equiv_batch_size, args.bn_groups)
     p = profile(r["hlo"])
     if args.dump:
       out = pathlib.Path(args.dump)
