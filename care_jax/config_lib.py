@@ -316,6 +316,26 @@ def uses_equivariance(config) -> bool:
   return config.objective not in ("simclr", "moco") and config.equiv_weight > 0
 
 
+def release_cifar_stl_pipeline(c):
+  """c with the reference release's CIFAR/STL pipeline as its code runs it (its
+  main.py, linear.py, dataset.py and scripts), where that differs from design.md:
+
+  - equiv_augment_pairs=1: the chunks' views come from one vmap(process,
+    randomness='same') call, which draws ONE augmentation pair per step for all
+    chunks (experiments/release_equiv_views.py shows it); 0 = one per chunk.
+  - bn_groups=2: its scripts run nn.DataParallel on 2 GPUs, BatchNorm per GPU
+    over half the batch, running statistics from GPU 0.
+  - resize_antialias=True: crops resampled by torchvision's resized_crop (PIL).
+  - linear_probe_protocol='augmented': its linear.py, augmented training images
+    through the frozen encoder with BatchNorm in training mode.
+  """
+  c.equiv_augment_pairs = 1
+  c.bn_groups = 2
+  c.resize_antialias = True
+  c.linear_probe_protocol = "augmented"
+  return c
+
+
 def source_size(config) -> int:
   """Side of the pretraining images the views are cropped from: source_image_size, 0 meaning image_size."""
   return int(config.source_image_size) or int(config.image_size)

@@ -2,14 +2,7 @@
 
   python -m care_jax.main --config=configs/cifar100_care.py --workdir=runs/cifar100_care --config.data_dir=DIR
 
-L_equi's views as the release makes them: its chunks come from one
-vmap(process, randomness='same') call, which samples ONE augmentation pair
-per step for all chunks (experiments/release_equiv_views.py shows it), so
-equiv_augment_pairs=1; 0 gives design.md's one pair per chunk.
-The linear probe is the release's (linear_probe_protocol='augmented'): augmented
-training images through the frozen encoder with BatchNorm in training mode.
-BatchNorm per half batch (bn_groups=2), as the release's nn.DataParallel on
-the 2 GPUs its scripts request computes it.
+The release's pipeline as its code runs it: config_lib.release_cifar_stl_pipeline.
 Expected: paper Figure 4, ResNet-50 linear probe top-1 68.05% (SimCLR 66.77%).
 Needs the tfds cifar100 dataset prepared under DIR and an accelerator.
 """
@@ -30,11 +23,7 @@ def get_config():
   c.temperature = 0.5
   c.equiv_weight = 0.001
   c.equiv_splits = 4
-  c.equiv_augment_pairs = 1  # one pair per step, shared by all chunks (the release)
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   c.eval_every_steps = 5000
-  c.linear_probe_protocol = "augmented"  # the release's linear.py
-  c.resize_antialias = True  # crops resampled as torchvision's resized_crop (PIL bilinear)
-  c.bn_groups = 2  # its scripts: nn.DataParallel on 2 V100s, BatchNorm per GPU
-  return c
+  return config_lib.release_cifar_stl_pipeline(c)

@@ -2,14 +2,7 @@
 
   python -m care_jax.main --config=configs/cifar10_equi_unif.py --workdir=runs/cifar10_equi_unif --config.data_dir=DIR
 
-L_equi's views as the release makes them: its chunks come from one
-vmap(process, randomness='same') call, which samples ONE augmentation pair
-per step for all chunks (experiments/release_equiv_views.py shows it), so
-equiv_augment_pairs=1; 0 gives design.md's one pair per chunk.
-The linear probe is the release's (linear_probe_protocol='augmented'): augmented
-training images through the frozen encoder with BatchNorm in training mode.
-BatchNorm per half batch (bn_groups=2), as the release's nn.DataParallel on
-the 2 GPUs its scripts request computes it.
+The release's pipeline as its code runs it: config_lib.release_cifar_stl_pipeline.
 Expected (paper Figure 2): well above random-init features, below SimCLR and CARE.
 Needs the tfds cifar10 dataset prepared under DIR and an accelerator.
 """
@@ -31,11 +24,7 @@ def get_config():
   c.objective = "equi_unif"
   c.equiv_weight = 1.0  # both terms at unit weight, the ablation as the paper writes it
   c.equiv_splits = 16
-  c.equiv_augment_pairs = 1  # one pair per step, shared by all chunks (the release)
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   c.eval_every_steps = 5000
-  c.linear_probe_protocol = "augmented"  # the release's linear.py
-  c.resize_antialias = True  # crops resampled as torchvision's resized_crop (PIL bilinear)
-  c.bn_groups = 2  # its scripts: nn.DataParallel on 2 V100s, BatchNorm per GPU
-  return c
+  return config_lib.release_cifar_stl_pipeline(c)

@@ -2,10 +2,7 @@
 
   python -m care_jax.main --config=configs/cifar10_simclr.py --workdir=runs/cifar10_simclr --config.data_dir=DIR
 
-The linear probe is the release's (linear_probe_protocol='augmented'): augmented
-training images through the frozen encoder with BatchNorm in training mode.
-BatchNorm per half batch (bn_groups=2), as the release's nn.DataParallel on
-the 2 GPUs its scripts request computes it.
+The release's pipeline as its code runs it: config_lib.release_cifar_stl_pipeline.
 Expected: paper Figure 4, ResNet-50 linear probe top-1 90.98% (CARE 91.92%).
 Needs the tfds cifar10 dataset prepared under DIR and an accelerator.
 """
@@ -30,7 +27,4 @@ def get_config():
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   c.eval_every_steps = 5000
-  c.linear_probe_protocol = "augmented"  # the release's linear.py
-  c.resize_antialias = True  # crops resampled as torchvision's resized_crop (PIL bilinear)
-  c.bn_groups = 2  # its scripts: nn.DataParallel on 2 V100s, BatchNorm per GPU
-  return c
+  return config_lib.release_cifar_stl_pipeline(c)

@@ -8,14 +8,7 @@ release's resolution: its STL-10 pipeline crops every view to 32x32 from the
 (Resize(32)) for the CIFAR-stem ResNet-50, so image_size=32 with
 source_image_size=96: the training images stay 96x96 and the crops come from
 them, the evaluation splits are resized to 32 with antialiasing.
-L_equi's views as the release makes them: its chunks come from one
-vmap(process, randomness='same') call, which samples ONE augmentation pair
-per step for all chunks (experiments/release_equiv_views.py shows it), so
-equiv_augment_pairs=1; 0 gives design.md's one pair per chunk.
-The linear probe is the release's (linear_probe_protocol='augmented'): augmented
-training images through the frozen encoder with BatchNorm in training mode.
-BatchNorm per half batch (bn_groups=2), as the release's nn.DataParallel on
-the 2 GPUs its scripts request computes it.
+The release's pipeline as its code runs it: config_lib.release_cifar_stl_pipeline.
 Expected: paper Figure 4, ResNet-50 linear probe top-1 84.64% (SimCLR 84.19%).
 """
 
@@ -41,11 +34,7 @@ def get_config():
   c.temperature = 0.5
   c.equiv_weight = 0.01
   c.equiv_splits = 8
-  c.equiv_augment_pairs = 1  # one pair per step, shared by all chunks (the release)
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   c.eval_every_steps = 10000
-  c.linear_probe_protocol = "augmented"  # the release's linear.py
-  c.resize_antialias = True  # crops resampled as torchvision's resized_crop (PIL bilinear)
-  c.bn_groups = 2  # its scripts: nn.DataParallel on 2 V100s, BatchNorm per GPU
-  return c
+  return config_lib.release_cifar_stl_pipeline(c)
