@@ -447,7 +447,10 @@ class RunEvaluator:
     return datasets.eval_batches(data, **common)
 
   def add_data(self, split: str, data) -> None:
-    self._data[split] = data
+    """Reuse a split already in memory (the training loop's), if it is at image_size:
+    pretraining images held at source_image_size are read again at image_size."""
+    if data.images.shape[1:3] == (self.config.image_size,) * 2:
+      self._data[split] = data
 
   def features(self, variables, tag, split: str, limit: int = 0):
     key = (tag, split, limit)

@@ -406,6 +406,18 @@ def _host_metrics(metrics) -> dict:
   return {k: (bool(v) if k == "finite" else float(v)) for k, v in jax.device_get(metrics).items()}
 
 
+def load_pretraining_split(config) -> tuple:
+  """(the pretraining split in memory, its images at source_image_size; its example count).
+  A streamed dataset (ImageNet) is never read whole: (None, its count)."""
+  if config.dataset in config_lib.STREAMING_DATASETS:
+    from care_jax import input_pipeline  # noqa: PLC0415
+    return None, input_pipeline.streaming_num_examples(config.dataset, config.train_split, config.data_dir or None,
+                                                       config.download)
+  data = datasets.load_dataset(config.dataset, config.train_split, config_lib.source_size(config),
+                               config.data_dir or None, config.download)
+  return data, len(data.images)
+
+
 def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = None) -> dict:
   """Pretrains per `config` into `workdir`, resuming from its latest checkpoint.
 
@@ -421,15 +433,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   is_chief = jax.process_index() == 0
 
   streaming = config.dataset in config_lib.STREAMING_DATASETS
-  if streaming:  # never read whole: count, then stream (the evaluator loads its splits when it runs)
-    from care_jax import input_pipeline  # noqa: PLC0415
-    train_data = None
-    num_train = input_pipeline.streaming_num_examples(config.dataset, config.train_split, config.data_dir or None,
-                                                      config.download)
-  else:
-    train_data = datasets.load_dataset(config.dataset, config.train_split, config_lib.source_size(config),
-                                       config.data_dir or None, config.download)
-    num_train = len(train_data.images)
+  train_data, num_train = load_pretraining_split(config)
   durations = config_lib.resolve_durations(config, num_train)
 
   model = build_model(config)
@@ -450,8 +454,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   to_global = global_batch_builder(mesh)
   # Final-report features go to workdir/features for later evaluations of the checkpoint.
   evaluator = evaluate.RunEvaluator(config, model, mesh, log=writer.note, cache_dir=workdir / "features")
-  if train_data is not None and config_lib.source_size(config) == config.image_size:
-    evaluator.add_data(config.train_split, train_data)  # else the evaluator reads it at image_size
+  if train_data is not None:
+    evaluator.add_data(config.train_split, train_data)
 
   views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
   last_step = durations.total_steps if stop_at_step is None else min(stop_at_step, durations.total_steps)

@@ -268,34 +268,34 @@ def test_training_that_diverges_stops_with_one_line_and_keeps_checkpoints(tmp_pa
 
 
 @needs_fashion_mnist
-def test_views_are_cropped_from_images_held_at_source_image_size(tmp_path, monkeypatch):
-  # The release's STL-10 recipe (views cropped to 32 from the 96x96 originals), here
-  # as Fashion-MNIST held at its native 28x28 with 16x16 views: the step must crop
-  # from the 28x28 images, and evaluation must read its splits resized to 16, not
-  # reuse the training copy (a conv net would take 28x28 images without a word).
-  from care_jax import augment_jax, datasets, train
-  loads, shapes = [], []
-  load, views = datasets.load_dataset, augment_jax.pretraining_views
+def test_pretraining_images_are_held_at_source_image_size_and_evaluation_reads_image_size(monkeypatch):
+  # The release's STL-10 recipe (views cropped to 32 from the 96x96 originals), here as
+  # Fashion-MNIST held at its native 28x28 with 16x16 views: the pretraining split
+  # stays 28x28 (the views are crops of it: test_augment_jax's larger-source test),
+  # and the evaluator must read its splits at 16 rather than reuse the training copy
+  # (a conv net would take 28x28 images without a word).
+  from jax.sharding import Mesh
+  from care_jax import datasets, evaluate, train
+  loads = []
+  load = datasets.load_dataset
 
   def recording_load(name, split, image_size, *args, **kwargs):
     loads.append((split, image_size))
     return load(name, split, image_size, *args, **kwargs)
 
-  def recording_views(images, *args, **kwargs):
-    out = views(images, *args, **kwargs)
-    shapes.append((images.shape[1:3], out["x1"].shape[1:3], out["e1"].shape[1:3]))
-    return out
-
   monkeypatch.setattr(datasets, "load_dataset", recording_load)
-  monkeypatch.setattr(augment_jax, "pretraining_views", recording_views)
-  config = _smoke_config(num_train_steps=3, eval_every_steps=2, final_eval=False, augment_backend="device",
-                         source_image_size=28, eval_train_split="")  # the kNN bank: the pretraining split
-  assert train.train_and_evaluate(config, str(tmp_path / "run")) == {"step": 3, "status": "finished"}
-  assert loads[0] == ("train[:8192]", 28)  # pretraining: the native images
-  assert loads[1:] == [("train[:8192]", 16), ("test[:1024]", 16)]  # the kNN monitor's bank and queries
-  assert shapes == [((28, 28), (16, 16), (16, 16))]  # traced once: crops of 28x28 images to 16x16 views
-  assert [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-          if "knn_top1" in l] == [2]
+  config = _smoke_config(source_image_size=28, train_split="train[:512]", eval_train_split="")
+  data, count = train.load_pretraining_split(config)
+  assert data.images.shape == (512, 28, 28, 3) and count == 512 and loads == [("train[:512]", 28)]
+  evaluator = evaluate.RunEvaluator(config, train.build_model(config), Mesh(np.asarray(jax.devices()), ("data",)))
+  evaluator.add_data(config.train_split, data)  # as train_and_evaluate offers it
+  assert evaluator.data(config.train_split).images.shape == (512, 16, 16, 3)
+  assert loads == [("train[:512]", 28), ("train[:512]", 16)]
+  same_size = _smoke_config(train_split="train[:512]")
+  evaluator = evaluate.RunEvaluator(same_size, train.build_model(same_size), Mesh(np.asarray(jax.devices()), ("data",)))
+  data, _ = train.load_pretraining_split(same_size)
+  evaluator.add_data(same_size.train_split, data)
+  assert evaluator.data(same_size.train_split) is data and len(loads) == 3  # reused, not read again
 
 
 @needs_fashion_mnist
