@@ -52,7 +52,10 @@ def momentum_update(key_params, query_params, momentum: float):
 def grouped_apply(model, variables, images, groups: int):
   """model.apply(train=True) with BatchNorm over `groups` consecutive row groups.
 
-  Returns (features, projections, new batch_stats averaged over the groups).
+  Returns (features, projections, new batch_stats of group 0): MoCo's
+  DistributedDataParallel broadcasts rank 0's buffers before every forward, so
+  the running statistics a run keeps follow the first GPU's batches alone (as
+  BatchNorm(groups=...) and config bn_groups do for nn.DataParallel).
   """
   b = images.shape[0]
   grouped = images.reshape((groups, b // groups) + images.shape[1:])
@@ -62,7 +65,7 @@ def grouped_apply(model, variables, images, groups: int):
     return features, z, updates["batch_stats"]
 
   features, z, stats = jax.vmap(one_group)(grouped)
-  stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+  stats = jax.tree.map(lambda s: s[0], stats)
   return features.reshape((b,) + features.shape[2:]), z.reshape((b,) + z.shape[2:]), stats
 
 

@@ -56,14 +56,15 @@ def _train_apply(model):
 
 
 def _grouped_reference(apply, variables, images, groups):
-  """Independent of moco.grouped_apply: one plain forward (`_train_apply`) per group, in a loop."""
+  """Independent of moco.grouped_apply: one plain forward (`_train_apply`) per group, in a loop;
+  the running statistics are the first group's."""
   n = len(images) // groups
   outs, stats = [], []
   for g in range(groups):
     (_, z), upd = apply(variables, images[g * n:(g + 1) * n])
     outs.append(z)
     stats.append(upd["batch_stats"])
-  return jnp.concatenate(outs), jax.tree.map(lambda *s: jnp.mean(jnp.stack(s), axis=0), *stats)
+  return jnp.concatenate(outs), stats[0]  # running statistics: group 0's (DDP keeps rank 0's buffers)
 
 
 def test_shuffled_bn_changes_only_the_batchnorm_grouping():
