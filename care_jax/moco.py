@@ -8,8 +8,8 @@ The pieces, as pure functions of the state held in TrainState.moco:
                     encoder's BatchNorm running statistics come from its own
                     forward passes.
   grouped_apply     the encoder with BatchNorm statistics per group of B/G
-                    consecutive rows (MoCo's per-GPU BatchNorm), as one vmapped
-                    call; the running statistics are averaged over groups.
+                    consecutive rows (MoCo's per-GPU BatchNorm): the model with
+                    bn_groups=G, one pass; the running statistics are group 0's.
   key_forward       MoCo's shuffled BN for a jit-sharded step: permute the key
                     batch (a gather XLA turns into cross-device traffic), run
                     grouped_apply, undo the permutation. A query and its
@@ -54,19 +54,13 @@ def grouped_apply(model, variables, images, groups: int):
 
   Returns (features, projections, new batch_stats of group 0): MoCo's
   DistributedDataParallel broadcasts rank 0's buffers before every forward, so
-  the running statistics a run keeps follow the first GPU's batches alone (as
-  BatchNorm(groups=...) and config bn_groups do for nn.DataParallel).
+  the running statistics a run keeps follow the first GPU's batches alone. The
+  same model with bn_groups=groups (BatchNorm's own grouping, config bn_groups):
+  one pass over the whole batch.
   """
-  b = images.shape[0]
-  grouped = images.reshape((groups, b // groups) + images.shape[1:])
-
-  def one_group(x):
-    (features, z), updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    return features, z, updates["batch_stats"]
-
-  features, z, stats = jax.vmap(one_group)(grouped)
-  stats = jax.tree.map(lambda s: s[0], stats)
-  return features.reshape((b,) + features.shape[2:]), z.reshape((b,) + z.shape[2:]), stats
+  grouped = model.clone(backbone=model.backbone.clone(bn_groups=groups), head=model.head.clone(bn_groups=groups))
+  (features, z), updates = grouped.apply(variables, images, train=True, mutable=["batch_stats"])
+  return features, z, updates["batch_stats"]
 
 
 def key_forward(model, variables, images, groups: int, permutation):
