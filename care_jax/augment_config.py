@@ -63,3 +63,9 @@ def augment_config(dataset: str, image_size: int, equiv_crop: bool = True, antia
   """The SimCLR augmentation settings with the dataset's normalisation statistics."""
   mean, std = dataset_stats(dataset)
   return AugmentConfig(image_size=image_size, mean=mean, std=std, equiv_crop=equiv_crop, antialias=antialias)
+
+
+def from_config(config) -> AugmentConfig:
+  """The run config's augmentation settings, for training (both backends), evaluation and
+  the benchmarks alike: dataset statistics, image_size, equiv_crop, resize_antialias."""
+  return augment_config(config.dataset, config.image_size, config.equiv_crop, config.resize_antialias)

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from care_jax import augment_jax, config_lib, datasets, geometry, losses, random_util
-from care_jax.augment_config import augment_config
+from care_jax import augment_config
 
 
 # ------------------------------------------------------------------ features
@@ -405,7 +405,7 @@ class RunEvaluator:
     self.model, self.mesh = model, mesh
     self.embed_fn = train.make_embed_fn(model, mesh)
     self.to_global = train.global_batch_builder(mesh)
-    self.aug = augment_config(config.dataset, config.image_size, config.equiv_crop, config.resize_antialias)
+    self.aug = augment_config.from_config(config)
     self._data, self._features = {}, {}
     self._cache_dir = cache_dir
 

@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from care_jax import config_lib, train  # noqa: E402
-from care_jax.augment_config import augment_config  # noqa: E402
+from care_jax import augment_config  # noqa: E402
 from experiments import torch_reference  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -153,8 +153,7 @@ def model_and_step(config) -> tuple:
   tx = train.make_optimizer(config, schedule)
   step_fn = train.make_train_step(model, tx, config, schedule)
   if config.augment_backend == "device":
-    step_fn = train.with_device_augmentation(step_fn, config, augment_config(config.dataset, config.image_size,
-                                                                                 antialias=config.resize_antialias))
+    step_fn = train.with_device_augmentation(step_fn, config, augment_config.from_config(config))
   return model, tx, step_fn
 
 
