@@ -18,6 +18,15 @@ def _images(n, size, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
+def _crop_only_params(boxes):
+  """NumPy parameters that crop each image to its box (i, j, h, w) and do nothing else."""
+  n, off = len(boxes), np.zeros(len(boxes), bool)
+  return {"crop": boxes, "flip": off, "jitter": off, "brightness": np.ones(n, np.float32),
+          "contrast": np.ones(n, np.float32), "saturation": np.ones(n, np.float32),
+          "jitter_order": np.tile(np.arange(4, dtype=np.int32), (n, 1)), "hue": np.zeros(n, np.float32),
+          "grayscale": off, "blur": off, "blur_sigma": np.ones(n, np.float32)}
+
+
 @pytest.mark.parametrize("antialias", [False, True])
 @pytest.mark.parametrize("source_size", [16, 28])  # same size, and a resize (Fashion-MNIST 28 -> 16 here)
 def test_same_parameters_give_the_same_views_as_tf(source_size, antialias):
@@ -45,11 +54,7 @@ def test_views_cropped_from_a_larger_source_keep_its_detail():
   images = np.repeat(np.broadcast_to(board[None, :, :, None], (2, 32, 32, 1)), 3, axis=3)
   assert np.ptp(datasets.to_rgb_size(images, 16)[:, 2:-2, 2:-2]) <= 2  # the detail a pre-resize loses
   boxes = np.array([[8, 4, 16, 16], [3, 11, 16, 16]], np.float32)  # (i, j, h, w)
-  off = np.zeros(2, bool)
-  params = {"crop": boxes, "flip": off, "jitter": off, "brightness": np.ones(2, np.float32),
-            "contrast": np.ones(2, np.float32), "saturation": np.ones(2, np.float32),
-            "jitter_order": np.tile(np.arange(4, dtype=np.int32), (2, 1)), "hue": np.zeros(2, np.float32),
-            "grayscale": off, "blur": off, "blur_sigma": np.ones(2, np.float32)}
+  params = _crop_only_params(boxes)
   want = np.stack([images[k, i:i + 16, j:j + 16] for k, (i, j, _, _) in enumerate(boxes.astype(int))])
   want = (want / 255.0 - np.asarray(CFG.mean)) / np.asarray(CFG.std)
   tf_views = augment.apply(tf.constant(images), {k: tf.constant(v) for k, v in params.items()}, CFG).numpy()
@@ -69,11 +74,7 @@ def test_antialiased_crops_resample_as_pil_on_both_backends(box):
   i, j, h, w = box
   want = np.asarray(Image.fromarray(image[0]).crop((j, i, j + w, i + h)).resize((16, 16), Image.BILINEAR),
                     np.float32)
-  off = np.zeros(1, bool)
-  params = {"crop": np.array([box], np.float32), "flip": off, "jitter": off, "brightness": np.ones(1, np.float32),
-            "contrast": np.ones(1, np.float32), "saturation": np.ones(1, np.float32),
-            "jitter_order": np.arange(4, dtype=np.int32)[None], "hue": np.zeros(1, np.float32),
-            "grayscale": off, "blur": off, "blur_sigma": np.ones(1, np.float32)}
+  params = _crop_only_params(np.array([box], np.float32))
   tf_view = augment.apply(tf.constant(image), {k: tf.constant(v) for k, v in params.items()}, cfg).numpy()[0]
   jax_view = np.asarray(jax.jit(augment_jax.apply, static_argnums=2)(jnp.asarray(image), params, cfg))[0]
   for view in (tf_view, jax_view):
