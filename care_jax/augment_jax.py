@@ -225,19 +225,34 @@ def _separable(x, rows, cols):
   return jnp.einsum("bsh,bhwc,btw->bstc", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
 
 
-def apply(images, params: dict, cfg: AugmentConfig):
-  """uint8 [B, H, W, 3] -> normalised float32 [B, S, S, 3] under `params` (augment.apply's semantics)."""
+def _crop_and_flip(images, params: dict, cfg: AugmentConfig):
+  """uint8 [B, H, W, 3] -> float32 [B, S, S, 3] in [0, 1]: each image's crop box resampled, then its flip."""
   x = images.astype(jnp.float32) / 255.0
   _, height, width, _ = x.shape
   size = cfg.image_size
   i, j, h, w = (params["crop"][:, k] for k in range(4))
   x = _separable(x, _resize_matrix(i, h, height, size, cfg.antialias), _resize_matrix(j, w, width, size, cfg.antialias))
-  x = jnp.where(params["flip"][:, None, None, None], x[:, :, ::-1, :], x)
-  x = _color_jitter(x, params)
+  return jnp.where(params["flip"][:, None, None, None], x[:, :, ::-1, :], x)
+
+
+def _normalise(x, cfg: AugmentConfig):
+  return (x - jnp.asarray(cfg.mean, jnp.float32)) / jnp.asarray(cfg.std, jnp.float32)
+
+
+def crop_flip(images, params: dict, cfg: AugmentConfig):
+  """apply() without the photometric ops (RandomResizedCrop + flip + normalise, MoCo's
+  linear-probe views); only params' crop and flip are read."""
+  return _normalise(_crop_and_flip(images, params, cfg), cfg)
+
+
+def apply(images, params: dict, cfg: AugmentConfig):
+  """uint8 [B, H, W, 3] -> normalised float32 [B, S, S, 3] under `params` (augment.apply's semantics)."""
+  x = _color_jitter(_crop_and_flip(images, params, cfg), params)
+  size = cfg.image_size
   x = jnp.where(params["grayscale"][:, None, None, None], jnp.broadcast_to(_grayscale(x), x.shape), x)
   blur = _blur_matrix(params["blur_sigma"], size, cfg.blur_kernel_size)
   x = jnp.where(params["blur"][:, None, None, None], _separable(x, blur, blur), x)
-  return (x - jnp.asarray(cfg.mean, jnp.float32)) / jnp.asarray(cfg.std, jnp.float32)
+  return _normalise(x, cfg)
 
 
 def view_params(key, batch: int, height: int, width: int, cfg: AugmentConfig, *, num_chunks: int,

@@ -30,7 +30,7 @@ EQUIVARIANCE_FORMS = {"sphere": None, "hyperboloid": "minkowski", "symplectic": 
 DTYPES = ("float32", "bfloat16")
 VIEW_BATCHINGS = ("sequential", "batched")  # what each means: at c.view_batching below
 AUGMENT_BACKENDS = ("tf", "device")
-LINEAR_PROBE_PROTOCOLS = ("features", "augmented")
+LINEAR_PROBE_PROTOCOLS = ("features", "augmented", "lincls")
 # Datasets the input pipeline reads (besides npz:/folder: sources and other tfds names).
 KNOWN_DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet2012", "imagenet100", "mnist",
                   "svhn_cropped")
@@ -135,7 +135,12 @@ def default_config() -> ml_collections.ConfigDict:
   # extraction). augmented: the release's CIFAR/STL probe (its linear.py): SimCLR-augmented
   # training images every epoch through the frozen backbone with BatchNorm in training mode,
   # whose running statistics the test pass then uses (an encoder pass per image per epoch).
+  # lincls: MoCo's main_lincls.py, the release's ImageNet-100 probe: RandomResizedCrop + flip
+  # views every epoch through the frozen backbone with BatchNorm in inference mode, SGD
+  # momentum 0.9 (linear_probe_lr, e.g. 30, and _weight_decay as L2), the rate x 0.1 at each
+  # of linear_probe_lr_drop_epochs; reports the best epoch's test top-1, as the release.
   c.linear_probe_protocol = "features"
+  c.linear_probe_lr_drop_epochs = (60, 80)  # lincls only
   c.wahba_trials = 20
   c.composition_trials = 10  # Corollary 1: pairs (a, b), ||R_{b o a} - R_b R_a||
   c.wahba_examples = 1000  # test images each sampled augmentation is applied to.
@@ -220,7 +225,11 @@ def validate(config, num_devices: int = 1) -> None:
   dataset = str(config.dataset)
   if config.linear_probe_protocol == "augmented" and dataset in STREAMING_DATASETS:
     raise ConfigError(f"linear_probe_protocol='augmented' needs the probe's training split in memory; {dataset} "
-                      "is streamed: set --config.linear_probe_protocol=features")
+                      "is streamed: set --config.linear_probe_protocol=lincls (or features)")
+  drops = config.linear_probe_lr_drop_epochs
+  if not isinstance(drops, (tuple, list)) or not all(isinstance(d, int) and d >= 0 for d in drops):
+    raise ConfigError(f"linear_probe_lr_drop_epochs={drops!r} must be a tuple of epochs >= 0; "
+                      "set --config.linear_probe_lr_drop_epochs='(60, 80)'")
   if config.source_image_size and dataset in STREAMING_DATASETS:
     raise ConfigError(f"source_image_size={config.source_image_size} applies to in-memory datasets; {dataset} is "
                       "streamed and its views are cropped from the original images already: set "
@@ -240,6 +249,9 @@ def validate(config, num_devices: int = 1) -> None:
   if config.eval_batch_size % num_devices:
     raise ConfigError(f"eval_batch_size={config.eval_batch_size} is not divisible by the {num_devices} devices; "
                       f"use a multiple of {num_devices}")
+  if config.linear_probe_protocol == "lincls" and config.linear_probe_batch_size % num_devices:
+    raise ConfigError(f"linear_probe_batch_size={config.linear_probe_batch_size} is not divisible by the "
+                      f"{num_devices} devices (lincls shards its batches); use a multiple of {num_devices}")
   if uses_equivariance(config):
     if batch % splits:
       raise ConfigError(f"batch_size={batch} is not divisible by equiv_splits={splits}; "

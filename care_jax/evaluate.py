@@ -289,6 +289,133 @@ def augmented_linear_probe(model, variables, images: np.ndarray, labels: np.ndar
   return classifier, {**variables, "batch_stats": batch_stats}
 
 
+# ------------------------------------------------------------------ MoCo's lincls probe
+
+LINCLS_MOMENTUM = 0.9
+
+
+def lincls_classifier_init(key, dim: int, num_classes: int) -> dict:
+  """main_lincls.py's fc: weights N(0, 0.01^2), bias 0."""
+  return {"w": 0.01 * random_util.drawn_flat(jax.random.normal, key, (dim, num_classes), dtype=jnp.float32),
+          "b": jnp.zeros((num_classes,), jnp.float32)}
+
+
+def lincls_learning_rate(base: float, epoch: int, drop_epochs) -> float:
+  """main_lincls.py's step schedule: base x 0.1 for every drop epoch reached."""
+  return base * 0.1 ** sum(epoch >= d for d in drop_epochs)
+
+
+def _lincls_update(carry, features, labels, mask, learning_rate, weight_decay: float):
+  """One torch.optim.SGD step (L2 added to the gradient, momentum LINCLS_MOMENTUM, no
+  dampening) on the mean loss over the batch's real rows: a short last batch (mask)
+  counts as itself, as the release's DataLoader keeps it."""
+  classifier, velocity = carry
+
+  def loss(p):
+    ce = optax.softmax_cross_entropy_with_integer_labels(features @ p["w"] + p["b"], labels)
+    return jnp.sum(jnp.where(mask, ce, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+  grads = jax.grad(loss)(classifier)
+  velocity = jax.tree.map(lambda v, g, p: LINCLS_MOMENTUM * v + g + weight_decay * p, velocity, grads, classifier)
+  return jax.tree.map(lambda p, v: p - learning_rate * v, classifier, velocity), velocity
+
+
+def _frozen_features(model, variables, views):
+  # BatchNorm in inference mode (main_lincls.py's model.eval()): nothing in variables moves.
+  features = model.apply(variables, views, train=False, method=backbone_features)
+  return jax.lax.stop_gradient(features.astype(jnp.float32))
+
+
+def lincls_probe_order(key, epoch: int, n: int, batch_size: int):
+  """Epoch `epoch`'s batches for lincls_probe: row indices [steps, batch_size] of a fresh
+  permutation, the last batch padded, its mask, and one augmentation key per batch."""
+  steps = -(-n // batch_size)
+  order = jax.random.permutation(jax.random.fold_in(key, 2 * epoch), n)
+  order = jnp.concatenate([order, jnp.zeros((steps * batch_size - n,), order.dtype)])
+  mask = jnp.arange(steps * batch_size) < n
+  return (order.reshape(steps, batch_size), mask.reshape(steps, batch_size),
+          jax.random.split(jax.random.fold_in(key, 2 * epoch + 1), steps))
+
+
+@functools.partial(jax.jit, donate_argnums=0,
+                   static_argnames=("model", "aug", "batch_size", "weight_decay", "rows"))
+def _lincls_epoch(carry, epoch, key, learning_rate, images, labels, variables, *, model, aug, batch_size: int,
+                  weight_decay: float, rows):
+  """One epoch of lincls_probe on images held on the devices; carry = (classifier, velocity)."""
+  n, height, width = images.shape[:3]
+
+  def step(carry, batch):
+    idx, mask, view_key = batch
+    x = jax.lax.with_sharding_constraint(jnp.take(images, idx, axis=0), rows)
+    views = augment_jax.crop_flip(x, augment_jax.sample_params(view_key, batch_size, height, width, aug), aug)
+    features = _frozen_features(model, variables, views)
+    return _lincls_update(carry, features, labels[idx], mask, learning_rate, weight_decay), None
+
+  return jax.lax.scan(step, carry, lincls_probe_order(key, epoch, n, batch_size))[0]
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("model", "weight_decay"))
+def _lincls_step(carry, variables, views, labels, mask, learning_rate, *, model, weight_decay: float):
+  """One lincls_probe step on a streamed batch of (already augmented, normalised) views."""
+  return _lincls_update(carry, _frozen_features(model, variables, views), labels, mask, learning_rate,
+                        weight_decay)
+
+
+def lincls_probe(model, variables, train_batches: Callable[[int], Iterable[dict]] | None = None, *,
+                 test_features: np.ndarray, test_labels: np.ndarray, num_classes: int, mesh,
+                 images: np.ndarray | None = None, labels: np.ndarray | None = None, aug=None,
+                 to_global: Callable | None = None, epochs: int = 100, learning_rate: float = 30.0,
+                 weight_decay: float = 1e-4, batch_size: int = 512, drop_epochs=(60, 80), seed: int = 0) -> dict:
+  """MoCo's main_lincls.py, the release's ImageNet-100 probe: {top1 (the best epoch's, as
+  the release reports), top5 (that epoch's), top1_last, best_epoch, top1_per_epoch, classifier}.
+
+  A linear classifier (weights N(0, 0.01^2)) on the frozen backbone with BatchNorm in
+  inference mode, trained on RandomResizedCrop + flip views drawn afresh every epoch;
+  SGD momentum 0.9 with L2 weight decay, learning rate x 0.1 at each of drop_epochs;
+  every batch counts, the short last one too. Since nothing in the backbone moves, the
+  test features (the frozen encoder's, the kNN's) are computed once by the caller and
+  scored after every epoch, as the release validates every epoch.
+  The training views come from `images` / `labels` in memory (held on the devices,
+  augmented there with augment_jax under `aug`; the rows sharded along 'data'), or
+  from train_batches(epoch): process-local batches {images, labels, mask} of
+  normalised views (input_pipeline.streaming_lincls_batches), turned global by
+  to_global; a batch with no real row on any process ends the epoch.
+  """
+  from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
+  replicated = NamedSharding(mesh, P())
+  height = width = aug.image_size  # the streamed views'
+  if images is not None:
+    n, height, width = images.shape[:3]
+    images = jax.device_put(np.asarray(images, np.uint8), replicated)
+    labels = jax.device_put(np.asarray(labels, np.int32), replicated)
+  dim = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, height, width, 3)), train=False,
+                                             method=backbone_features), variables).shape[-1]
+  init_key, key = jax.random.split(jax.random.PRNGKey(seed))
+  classifier = lincls_classifier_init(init_key, dim, num_classes)
+  carry = (classifier, jax.tree.map(jnp.zeros_like, classifier))
+  weight_decay = float(weight_decay)
+  per_epoch = []
+  for epoch in range(epochs):
+    lr = jnp.float32(lincls_learning_rate(learning_rate, epoch, drop_epochs))
+    if images is not None:
+      carry = _lincls_epoch(carry, epoch, key, lr, images, labels, variables, model=model, aug=aug,
+                            batch_size=batch_size, weight_decay=weight_decay,
+                            rows=NamedSharding(mesh, P("data")))
+    else:
+      for batch in train_batches(epoch):
+        mask = to_global(np.asarray(batch["mask"]))
+        if not to_host(mask).any():  # padding on every process: the stream's end
+          break
+        carry = _lincls_step(carry, variables, to_global(batch["images"]),
+                             to_global(np.asarray(batch["labels"], np.int32)), mask, lr, model=model,
+                             weight_decay=weight_decay)
+    per_epoch.append(probe_accuracy(carry[0], test_features, test_labels, num_classes))
+  best = int(np.argmax([r["top1"] for r in per_epoch]))  # the first of equals, as the release's '>'
+  return {"top1": per_epoch[best]["top1"], "top5": per_epoch[best]["top5"], "top1_last": per_epoch[-1]["top1"],
+          "best_epoch": best, "top1_per_epoch": [r["top1"] for r in per_epoch], "classifier": carry[0],
+          "seed": seed}
+
+
 # ------------------------------------------------------------------ geometry
 
 def wahba_trial(z: np.ndarray, z_aug: np.ndarray, form=None) -> dict:
@@ -495,14 +622,20 @@ class RunEvaluator:
 
   def linear_probe(self, variables, tag, seeds: int = 1) -> dict:
     """linear_probe_protocol 'features': on the frozen features of unaugmented images;
-    'augmented': the release's CIFAR/STL probe (augmented_linear_probe)."""
+    'augmented': the release's CIFAR/STL probe (augmented_linear_probe); 'lincls': its
+    ImageNet-100 probe (lincls_probe), top1 the best epoch's (top1_last: the last's)."""
     c = self.config
     common = dict(num_classes=self.num_classes(), epochs=c.linear_probe_epochs, learning_rate=c.linear_probe_lr,
                   weight_decay=c.linear_probe_weight_decay, batch_size=c.linear_probe_batch_size)
     train_split = c.eval_train_split or c.train_split
+    extra = {}
     if c.linear_probe_protocol == "augmented":
       runs = [self._augmented_linear_probe(variables, train_split, seed=c.seed + s, **common)
               for s in range(max(1, seeds))]
+    elif c.linear_probe_protocol == "lincls":
+      runs = [self._lincls_probe(variables, tag, train_split, seed=c.seed + s, **common) for s in range(max(1, seeds))]
+      extra = {"top1_last_per_seed": [r["top1_last"] for r in runs], "best_epoch_per_seed": [r["best_epoch"] for r in runs],
+               "lr_drop_epochs": list(c.linear_probe_lr_drop_epochs)}
     else:
       train_f, _, train_y = self.features(variables, tag, train_split)
       test_f, _, test_y = self.features(variables, tag, c.test_split)
@@ -510,7 +643,26 @@ class RunEvaluator:
     top1 = np.array([r["top1"] for r in runs])
     return {"top1": float(top1.mean()), "top1_std": float(top1.std()), "top5": float(np.mean([r["top5"] for r in runs])),
             "seeds": [r["seed"] for r in runs], "top1_per_seed": top1.tolist(), "epochs": c.linear_probe_epochs,
-            "protocol": c.linear_probe_protocol}
+            "protocol": c.linear_probe_protocol, **extra}
+
+  def _lincls_probe(self, variables, tag, train_split: str, *, seed: int, **kwargs) -> dict:
+    # BatchNorm stays in inference mode, so the test features are the frozen encoder's:
+    # the cached extraction the kNN uses.
+    c = self.config
+    test_f, _, test_y = self.features(variables, tag, c.test_split)
+    common = dict(test_features=test_f, test_labels=test_y, mesh=self.mesh, aug=self.aug, seed=seed,
+                  drop_epochs=tuple(c.linear_probe_lr_drop_epochs), **kwargs)
+    if self.streaming:
+      from care_jax import input_pipeline  # noqa: PLC0415
+      batches = functools.partial(
+          input_pipeline.streaming_lincls_batches, c.dataset, train_split, data_dir=c.data_dir or None,
+          download=c.download, aug=self.aug, global_batch=c.linear_probe_batch_size, seed=seed,
+          process_index=jax.process_index(), process_count=jax.process_count())
+      return lincls_probe(self.model, variables, lambda epoch: batches(epoch=epoch), to_global=self.to_global,
+                          **common)
+    # Cropped from the images at the side pretraining crops from, as the augmented probe.
+    data = self.data(train_split, config_lib.source_size(c))
+    return lincls_probe(self.model, variables, images=data.images, labels=data.labels, **common)
 
   def _augmented_linear_probe(self, variables, train_split: str, *, seed: int, num_classes: int, **kwargs) -> dict:
     # Cropped from the images at the side pretraining crops from (STL-10: the 96x96
@@ -670,7 +822,8 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   overrides = {k: getattr(f, k) for k in ("linear_probe_seeds", "linear_probe_protocol", "linear_probe_epochs",
-                                          "wahba_trials", "composition_trials")
+                                          "linear_probe_lr", "linear_probe_weight_decay", "wahba_trials",
+                                          "composition_trials")
                if getattr(f, k) is not None}
   try:
     report = evaluate_workdir(f.workdir, f.step, overrides, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -686,8 +839,11 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
   flags.DEFINE_integer("step", None, "Evaluate the newest checkpoint at or before this step (default: latest).")
   flags.DEFINE_integer("linear_probe_seeds", None, "Override: number of linear-probe seeds.")
-  flags.DEFINE_string("linear_probe_protocol", None, "Override: features or augmented (the release's CIFAR/STL probe).")
+  flags.DEFINE_string("linear_probe_protocol", None,
+                      "Override: features, augmented (the release's CIFAR/STL probe) or lincls (its ImageNet-100 one).")
   flags.DEFINE_integer("linear_probe_epochs", None, "Override: linear-probe epochs.")
+  flags.DEFINE_float("linear_probe_lr", None, "Override: the probe's learning rate (lincls: 30; the others: 1e-3).")
+  flags.DEFINE_float("linear_probe_weight_decay", None, "Override: the probe's L2 weight decay (lincls: 1e-4).")
   flags.DEFINE_integer("wahba_trials", None, "Override: sampled augmentations in the Wahba report.")
   flags.DEFINE_integer("composition_trials", None, "Override: augmentation pairs in the Corollary-1 report.")
   app.run(main)

@@ -267,21 +267,68 @@ def streaming_eval_batches(name: str, split: str, *, data_dir: Optional[str], do
   """
   if global_batch % process_count:
     raise ValueError(f"eval batch {global_batch} is not divisible by the process count {process_count}")
-  local = global_batch // process_count
   ds = _streaming_eval_examples(name, split, data_dir=data_dir, download=download, image_size=image_size,
                                 process_index=process_index, process_count=process_count, limit=limit)
-  ds = ds.batch(local).prefetch(prefetch)
-  size = image_size
-  for batch in ds.as_numpy_iterator():
+  for batch in _masked_batches(ds, global_batch // process_count, process_count, prefetch):
+    yield {**batch, "images": normalized(batch["images"], aug)}
+
+
+def _masked_batches(ds: tf.data.Dataset, local: int, process_count: int, prefetch: int) -> Iterator[dict]:
+  """{"image", "label"} examples -> {images, labels, mask} batches of `local` rows, the last
+  one padded with zeros (mask False); with several processes, all-padding batches follow
+  forever, so that uneven parts stop together (see streaming_eval_batches)."""
+  spec = ds.element_spec["image"]
+  empty = lambda rows: np.zeros((rows, *spec.shape), spec.dtype.as_numpy_dtype)
+  for batch in ds.batch(local).prefetch(prefetch).as_numpy_iterator():
     rows = len(batch["label"])
-    images, labels = batch["image"], batch["label"]
-    if rows < local:
-      images = np.concatenate([images, np.zeros((local - rows, size, size, 3), np.uint8)])
-      labels = np.concatenate([labels, np.zeros((local - rows,), np.int32)])
-    yield {"images": normalized(images, aug), "labels": labels, "mask": np.arange(local) < rows}
+    yield {"images": np.concatenate([batch["image"], empty(local - rows)]),
+           "labels": np.concatenate([batch["label"], np.zeros((local - rows,), np.int32)]),
+           "mask": np.arange(local) < rows}
   while process_count > 1:
-    yield {"images": np.zeros((local, size, size, 3), np.float32), "labels": np.zeros((local,), np.int32),
-           "mask": np.zeros((local,), bool)}
+    yield {"images": empty(local), "labels": np.zeros((local,), np.int32), "mask": np.zeros((local,), bool)}
+
+
+def streaming_lincls_batches(name: str, split: str, *, data_dir: Optional[str], download: bool,
+                             aug: augment.AugmentConfig, global_batch: int, seed: int, epoch: int,
+                             process_index: int = 0, process_count: int = 1, shuffle_buffer: int = 16384,
+                             prefetch: int = 2) -> Iterator[dict]:
+  """One epoch of MoCo lincls' training views of a streamed split (evaluate.lincls_probe).
+
+  This process's part, read once in an order shuffled afresh every epoch (files
+  and a buffer, seeded by (seed, epoch, process)); every image gets a
+  RandomResizedCrop drawn on its own size and a flip (aug's crop_scale,
+  crop_ratio, flip_prob, antialias), then the normalisation: main_lincls.py's
+  train transform. Yields {images, labels, mask} batches of global_batch /
+  process_count rows as streaming_eval_batches does, the last one padded.
+  """
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  if global_batch % process_count:
+    raise ValueError(f"linear_probe_batch_size={global_batch} is not divisible by the process count "
+                     f"{process_count}")
+  order_seed = int(np.random.SeedSequence([seed, epoch, process_index]).generate_state(1)[0] >> 1)
+  builder = _tfds_builder(_tfds_name(name), data_dir, download)
+  part = split if process_count == 1 else tfds.split_for_jax_process(
+      split, process_index=process_index, process_count=process_count)
+  read_config = tfds.ReadConfig(shuffle_seed=order_seed)
+  ds, _ = _class_subset(name, builder, builder.as_dataset(split=part, shuffle_files=True, read_config=read_config,
+                                                          decoders=_skip_image_decoding()))
+  ds = ds.shuffle(shuffle_buffer, seed=order_seed).enumerate()
+  epoch_seed = augment.view_seed(seed, epoch, process_index)
+  mean, std = tf.constant(aug.mean, tf.float32), tf.constant(aug.std, tf.float32)
+
+  @_graph_only
+  def view(index, ex):
+    image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    image_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index)
+    x = augment.random_resized_crop(image, tf.random.experimental.stateless_fold_in(image_seed, 0),
+                                    aug.image_size, aug)
+    flip = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(image_seed, 1)) < aug.flip_prob
+    x = tf.where(flip, tf.reverse(x, axis=[1]), x)
+    return {"image": (x - mean) / std, "label": tf.cast(ex["label"], tf.int32)}
+
+  ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  yield from _masked_batches(ds, global_batch // process_count, process_count, prefetch)
 
 
 def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[str], download: bool, seed: int,

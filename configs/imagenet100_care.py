@@ -15,10 +15,14 @@ release syncs BatchNorm over its GPUs in CARE runs but not in its SimCLR
 baseline (per-GPU statistics over 64 images), where the SimCLR run here keeps
 global statistics like the CARE run, so the pair differs in the objective only.
 Expected: paper Figure 4, linear probe top-1 76.69% (SimCLR 72.79%).
-The probe here is the frozen-feature one (linear_probe_protocol='features'):
-the release evaluates ImageNet-100 with MoCo's main_lincls.py (SGD lr 30,
-RandomResizedCrop(224) + flip, BatchNorm frozen, the best of 100 epochs),
-which care-jax does not implement, so expect its figures to differ.
+The probe is the release's, MoCo's main_lincls.py (linear_probe_protocol=
+'lincls'): RandomResizedCrop(224) + flip views of the streamed training split
+every epoch through the frozen backbone (BatchNorm in inference mode), SGD
+momentum 0.9, lr 30 (x 0.1 at epochs 60 and 80), L2 1e-4 (its defaults; the
+release's scripts pass none), batch 512, 100 epochs, and the best epoch's
+validation top-1 reported. It reads the training split 100 times: for a
+quick look, --config.linear_probe_protocol=features (frozen features of the
+centre crops, extracted once) gives another, lower-cost number.
 Data: tfds imagenet2012 prepared under data_dir (manual download), filtered to
 the release's 100 classes (CMC's list) and streamed for pretraining, each
 process reading its own part. Evaluation streams its splits too, holding only
@@ -55,4 +59,8 @@ def get_config():
   c.train_split = "train"
   c.test_split = "validation"
   c.resize_antialias = True  # crops resampled as torchvision's resized_crop (PIL bilinear)
+  c.linear_probe_protocol = "lincls"  # main_lincls.py's defaults:
+  c.linear_probe_lr = 30.0
+  c.linear_probe_weight_decay = 1e-4
+  c.linear_probe_lr_drop_epochs = (60, 80)
   return c

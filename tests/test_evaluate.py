@@ -237,3 +237,77 @@ def test_the_evaluator_scores_the_augmented_probe_under_the_statistics_it_left(t
     features = model.apply(probed, evaluate.datasets.normalized(test_images, evaluator.aug), train=False)[0]
     assert top1 == pytest.approx(evaluate.probe_accuracy(clf, features, labels, 3)["top1"])
   assert not evaluator._features  # nothing cached: the test features depend on the probe's statistics
+
+
+# ------------------------------------------------------------------ MoCo's lincls probe (ImageNet-100)
+
+def test_lincls_probe_on_eight_devices_is_numpy_sgd_on_frozen_features_short_batch_included(tmp_path):
+  # main_lincls.py: crop + flip views every epoch through the backbone in inference
+  # mode, SGD momentum 0.9 + L2, the rate x 0.1 at each drop epoch, every batch
+  # (the short last one too) a step on its own mean loss, the best epoch reported.
+  # Reference: one device, no jit or scan; softmax gradient and SGD in NumPy.
+  import jax
+  from jax.sharding import Mesh
+  from care_jax import augment_jax
+  rng = np.random.default_rng(2)
+  n, classes, batch, epochs, lr, wd, drops = 40, 4, 16, 3, 0.5, 0.01, (2,)  # steps of 16, 16 and 8 rows
+  images = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+  labels = rng.integers(0, classes, n)
+  path = tmp_path / "tiny.npz"
+  np.savez(path, images=images, labels=labels)
+  config, model, variables = _smoke_model_and_variables(
+      dataset=f"npz:{path}", linear_probe_protocol="lincls", linear_probe_epochs=epochs, linear_probe_lr=lr,
+      linear_probe_weight_decay=wd, linear_probe_batch_size=batch, linear_probe_lr_drop_epochs=drops,
+      eval_batch_size=16)
+  before = jax.tree.map(np.array, variables)
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  assert mesh.size == 8
+  evaluator = evaluate.RunEvaluator(config, model, mesh, log=lambda _: None)
+  test_f, _, test_y = evaluator.features(variables, "tag", config.test_split)
+  got = evaluate.lincls_probe(model, variables, images=images, labels=labels, test_features=test_f,
+                              test_labels=test_y, num_classes=classes, aug=evaluator.aug, mesh=mesh, epochs=epochs,
+                              learning_rate=lr, weight_decay=wd, batch_size=batch, drop_epochs=drops, seed=5)
+  # The evaluator's lincls: the same probe on its own splits, seeds from config.seed.
+  report = evaluator.linear_probe(variables, "tag", seeds=1)
+  direct = evaluate.lincls_probe(model, variables, images=images, labels=labels, test_features=test_f,
+                                 test_labels=test_y, num_classes=classes, aug=evaluator.aug, mesh=mesh,
+                                 epochs=epochs, learning_rate=lr, weight_decay=wd, batch_size=batch,
+                                 drop_epochs=drops, seed=config.seed)
+  assert report["protocol"] == "lincls" and report["top1"] == direct["top1"]
+  assert report["top1_last_per_seed"] == [direct["top1_last"]] and report["lr_drop_epochs"] == list(drops)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(before)):  # nothing in the encoder moved
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+  init_key, key = jax.random.split(jax.random.PRNGKey(5))
+  p = {k: np.asarray(v, np.float64) for k, v in evaluate.lincls_classifier_init(init_key, test_f.shape[1],
+                                                                               classes).items()}
+  assert abs(np.std(p["w"]) - 0.01) < 0.002 and not p["b"].any()
+  velocity = {k: np.zeros_like(v) for k, v in p.items()}
+
+  @jax.jit  # one batch: crop + flip, the backbone in inference mode (on one device)
+  def features(x, view_key):
+    views = augment_jax.crop_flip(x, augment_jax.sample_params(view_key, batch, 16, 16, evaluator.aug),
+                                  evaluator.aug)
+    return model.apply(variables, views, train=False, method=lambda m, x, train: m.backbone(x, train))
+
+  per_epoch, rows_seen = [], []
+  for epoch in range(epochs):
+    rate = lr * (0.1 if epoch >= 2 else 1.0)
+    order, mask, keys = evaluate.lincls_probe_order(key, epoch, n, batch)
+    for idx, m, view_key in zip(np.asarray(order), np.asarray(mask), keys):
+      f = np.asarray(features(jax.device_put(images[idx], jax.devices()[0]), view_key), np.float64)
+      logits = f @ p["w"] + p["b"]
+      probs = np.exp(logits - logits.max(1, keepdims=True))
+      probs /= probs.sum(1, keepdims=True)
+      d = (probs - np.eye(classes)[labels[idx]]) * m[:, None] / m.sum()
+      for k, g in (("w", f.T @ d), ("b", d.sum(0))):
+        velocity[k] = 0.9 * velocity[k] + g + wd * p[k]
+        p[k] = p[k] - rate * velocity[k]
+      rows_seen.append(int(m.sum()))
+    per_epoch.append(evaluate.probe_accuracy(p, test_f, test_y, classes)["top1"])
+  assert rows_seen == [16, 16, 8] * epochs  # the short batch is a step of its own
+  np.testing.assert_allclose(np.asarray(got["classifier"]["w"]), p["w"], rtol=2e-3, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(got["classifier"]["b"]), p["b"], rtol=2e-3, atol=2e-6)
+  assert got["top1_per_epoch"] == pytest.approx(per_epoch)
+  assert got["top1"] == max(per_epoch) and got["best_epoch"] == int(np.argmax(per_epoch))
+  assert got["top1_last"] == pytest.approx(per_epoch[-1])

@@ -275,3 +275,70 @@ def test_streamed_evaluation_parts_of_several_processes_cover_each_example_once(
   head = ip.load_streaming_head("tiny_streamed_images", "validation", 5, data_dir=str(tmp_path), download=False,
                                 image_size=16)
   np.testing.assert_array_equal(head.images, whole.images[:5])
+
+
+def test_streamed_lincls_views_cover_each_example_once_and_train_as_the_in_memory_probe(tmp_path):
+  # MoCo lincls' training views of a streamed split (ImageNet-100's probe).
+  import jax  # noqa: PLC0415
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  from care_jax import evaluate, train  # noqa: PLC0415
+
+  class TinySquareImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"image": tfds.features.Image(shape=(16, 16, 3)), "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      rng = np.random.default_rng(1)
+      for i in range(21):
+        yield i, {"image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "label": i % 3}
+
+  TinySquareImages(data_dir=str(tmp_path)).download_and_prepare()
+  whole = ip.load_dataset("tiny_square_images", "train", 16, data_dir=str(tmp_path))
+  # Whole-image crops, every one flipped: each view is its image mirrored, normalised.
+  mirrored = augment.AugmentConfig(image_size=16, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=1.0)
+  stream = lambda aug, epoch, batch=8, **kw: ip.streaming_lincls_batches(  # noqa: E731
+      "tiny_square_images", "train", data_dir=str(tmp_path), download=False, aug=aug, global_batch=batch, seed=0,
+      epoch=epoch, **kw)
+  parts = [stream(mirrored, 0, process_index=p, process_count=2) for p in (0, 1)]
+  two = []
+  while True:  # as lincls_probe: stop at the first batch that is padding on every process
+    pair = [next(it) for it in parts]
+    if not any(b["mask"].any() for b in pair):
+      break
+    two.extend(pair)
+  assert all(b["images"].shape == (4, 16, 16, 3) for b in two)
+  key = lambda images, labels: sorted(bytes(x) + bytes([y]) for x, y in zip(images, labels))  # noqa: E731
+  got = key(np.concatenate([b["images"][b["mask"]] for b in two]), np.concatenate([b["labels"][b["mask"]] for b in two]))
+  assert got == key(ip.normalized(whole.images[:, :, ::-1], mirrored), whole.labels)
+  # Every epoch its own order and crops (the default RandomResizedCrop + flip).
+  default = augment.AugmentConfig(image_size=16)
+  first = [next(stream(default, epoch)) for epoch in (0, 1)]
+  assert not np.array_equal(first[0]["labels"], first[1]["labels"])
+  assert next(stream(default, 0))["images"].tobytes() == first[0]["images"].tobytes()  # and reproducible
+
+  # The probe on the stream equals the probe on the split in memory when a batch holds the
+  # whole split (one step an epoch: the mean gradient is order-free), short batch masked.
+  config = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.py"),
+                                       "smoke")
+  mesh = train.make_mesh()
+  model = train.build_model(config)
+  variables = train.random_init_variables(model, config, mesh)
+  test_f = np.asarray(model.apply(variables, ip.normalized(whole.images, mirrored), train=False)[0])
+  common = dict(test_features=test_f, test_labels=whole.labels, num_classes=3, aug=mirrored, mesh=mesh, epochs=2,
+                learning_rate=0.5, weight_decay=0.01, batch_size=24, drop_epochs=(1,), seed=4)
+  streamed = evaluate.lincls_probe(model, variables, lambda epoch: stream(mirrored, epoch, batch=24),
+                                   to_global=train.global_batch_builder(mesh), **common)
+  in_memory = evaluate.lincls_probe(model, variables, images=whole.images, labels=whole.labels, **common)
+  for k in ("w", "b"):
+    np.testing.assert_allclose(np.asarray(streamed["classifier"][k]), np.asarray(in_memory["classifier"][k]),
+                               rtol=1e-4, atol=1e-6)
+  assert not np.allclose(np.asarray(in_memory["classifier"]["w"]),
+                         np.asarray(evaluate.lincls_classifier_init(jax.random.split(jax.random.PRNGKey(4))[0],
+                                                                    test_f.shape[1], 3)["w"]))

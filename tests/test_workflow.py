@@ -152,7 +152,19 @@ def test_a_bad_linear_probe_protocol_names_the_field_and_the_fix():
   with pytest.raises(config_lib.ConfigError) as err:
     config_lib.validate(config, num_devices=1)
   assert str(err.value) == ("linear_probe_protocol='augmented' needs the probe's training split in memory; "
-                            "imagenet100 is streamed: set --config.linear_probe_protocol=features")
+                            "imagenet100 is streamed: set --config.linear_probe_protocol=lincls (or features)")
+  config.linear_probe_protocol = "lincls"
+  config.linear_probe_lr_drop_epochs = (60, -80)
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(config, num_devices=1)
+  assert str(err.value) == ("linear_probe_lr_drop_epochs=(60, -80) must be a tuple of epochs >= 0; "
+                            "set --config.linear_probe_lr_drop_epochs='(60, 80)'")
+  config.linear_probe_lr_drop_epochs = (60, 80)
+  config.linear_probe_batch_size = 500
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(config, num_devices=8)
+  assert str(err.value) == ("linear_probe_batch_size=500 is not divisible by the 8 devices (lincls shards its "
+                            "batches); use a multiple of 8")
 
 
 # ------------------------------------------------------------------ runs
