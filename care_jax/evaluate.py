@@ -211,12 +211,20 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
   return {**probe_accuracy(params, test_x, test_y, num_classes), "epochs": epochs, "seed": seed}
 
 
-def augmented_probe_order(key, epoch: int, n: int, batch_size: int):
-  """Epoch `epoch`'s batches (row indices [steps, batch_size], the remainder dropped)
-  and one augmentation key per batch."""
+def augmented_probe_order(key, epoch: int, n: int, batch_size: int, groups: int = 1):
+  """Epoch `epoch`'s batches: (row indices [steps, batch_size], one augmentation key per
+  batch, the last partial batch's rows, its key). The partial batch is None where it
+  cannot be a training-mode BatchNorm batch: fewer than 2 rows per group, or rows that
+  do not split evenly over the `groups` (torch would fail, or split it unevenly)."""
   steps = n // batch_size
-  order = jax.random.permutation(jax.random.fold_in(key, 2 * epoch), n)[:steps * batch_size]
-  return order.reshape(steps, batch_size), jax.random.split(jax.random.fold_in(key, 2 * epoch + 1), steps)
+  permutation = jax.random.permutation(jax.random.fold_in(key, 2 * epoch), n)
+  keys_key = jax.random.fold_in(key, 2 * epoch + 1)
+  rest = n - steps * batch_size
+  tail = None
+  if rest % groups == 0 and rest // groups >= 2:
+    tail = permutation[steps * batch_size:], jax.random.fold_in(keys_key, steps)
+  return (permutation[:steps * batch_size].reshape(steps, batch_size), jax.random.split(keys_key, steps),
+          *(tail or (None, None)))
 
 
 def backbone_features(model, images, train: bool):
@@ -239,7 +247,7 @@ def _augmented_probe_epoch(carry, epoch, key, images, labels, params, *, model, 
     classifier, opt_state, batch_stats = carry
     idx, view_key = batch
     x = jax.lax.with_sharding_constraint(jnp.take(images, idx, axis=0), rows)
-    views = augment_jax.apply(x, augment_jax.sample_params(view_key, batch_size, height, width, aug), aug)
+    views = augment_jax.apply(x, augment_jax.sample_params(view_key, idx.shape[0], height, width, aug), aug)
     features, moved = model.apply({"params": params, "batch_stats": batch_stats}, views, train=True,
                                   mutable=["batch_stats"], method=backbone_features)
     grads = jax.grad(_classifier_loss)(classifier, jax.lax.stop_gradient(features.astype(jnp.float32)),
@@ -247,7 +255,11 @@ def _augmented_probe_epoch(carry, epoch, key, images, labels, params, *, model, 
     updates, opt_state = tx.update(grads, opt_state, classifier)
     return (optax.apply_updates(classifier, updates), opt_state, moved["batch_stats"]), None
 
-  return jax.lax.scan(step, carry, augmented_probe_order(key, epoch, n, batch_size))[0]
+  order, keys, tail, tail_key = augmented_probe_order(key, epoch, n, batch_size, model.backbone.bn_groups)
+  carry = jax.lax.scan(step, carry, (order, keys))[0]
+  # The last partial batch: a step of its own, its BatchNorm statistics over its own rows,
+  # as the release's DataLoader (drop_last off) gives it.
+  return carry if tail is None else step(carry, (tail, tail_key))[0]
 
 
 def augmented_linear_probe(model, variables, images: np.ndarray, labels: np.ndarray, *, num_classes: int, aug,
@@ -261,8 +273,9 @@ def augmented_linear_probe(model, variables, images: np.ndarray, labels: np.ndar
   batch and the running statistics move (the release calls net.train() on the
   frozen encoder). The test pass then embeds the test split in inference mode
   with the returned variables, whose running statistics the probe moved.
-  Adam with L2 weight decay as `linear_probe`. One difference: the release
-  keeps each epoch's last partial batch; here it is dropped (one compiled step).
+  Adam with L2 weight decay as `linear_probe`. Each epoch's last partial batch is
+  a step of its own, as the release's DataLoader keeps it (augmented_probe_order
+  says when it cannot be).
   The training images stay on the devices (replicated, as DeviceFeed); each
   step's batch is gathered there and sharded along 'data'.
   """

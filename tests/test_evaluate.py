@@ -169,7 +169,7 @@ def test_augmented_probe_on_eight_devices_matches_a_plain_numpy_loop_and_moves_o
   from care_jax.augment_config import augment_config
   config, model, variables = _smoke_model_and_variables()
   rng = np.random.default_rng(0)
-  n, classes, batch, epochs, lr, wd = 40, 4, 16, 2, 1e-2, 0.1  # 2 steps an epoch, 8 rows dropped
+  n, classes, batch, epochs, lr, wd = 40, 4, 16, 2, 1e-2, 0.1  # steps of 16, 16 and 8 rows an epoch
   images = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
   labels = rng.integers(0, classes, n)
   aug = augment_config("fashion_mnist", 16)
@@ -187,23 +187,32 @@ def test_augmented_probe_on_eight_devices_matches_a_plain_numpy_loop_and_moves_o
 
   @jax.jit  # one batch: augment, then the backbone in training mode (on one device)
   def features(stats, x, view_key):
-    views = augment_jax.apply(x, augment_jax.sample_params(view_key, batch, 16, 16, aug), aug)
+    views = augment_jax.apply(x, augment_jax.sample_params(view_key, len(x), 16, 16, aug), aug)
     f, moved = model.apply({**variables, "batch_stats": stats}, views, train=True, mutable=["batch_stats"],
                            method=lambda m, x, train: m.backbone(x, train))
     # The head's statistics stay: the release's probe runs the backbone (net.f) alone.
     return f, {**stats, "backbone": moved["batch_stats"]["backbone"]}
 
+  rows_seen = []
   for epoch in range(epochs):
-    order, keys = evaluate.augmented_probe_order(key, epoch, n, batch)
-    for idx, view_key in zip(np.asarray(order), keys):
+    order, keys, tail, tail_key = evaluate.augmented_probe_order(key, epoch, n, batch)
+    for idx, view_key in [*zip(np.asarray(order), keys), (np.asarray(tail), tail_key)]:
       f, stats = features(stats, jax.device_put(images[idx], jax.devices()[0]), view_key)
       f = np.asarray(f, np.float64)
       logits = f @ p["w"] + p["b"]
       probs = np.exp(logits - logits.max(1, keepdims=True))
       probs /= probs.sum(1, keepdims=True)
-      d = (probs - np.eye(classes)[labels[idx]]) / batch
+      d = (probs - np.eye(classes)[labels[idx]]) / len(idx)
       t += 1
       p = _numpy_adam_l2_step(p, {"w": f.T @ d, "b": d.sum(0)}, m, v2, t, lr, wd)
+      rows_seen.append(len(idx))
+  # The last partial batch is a step of its own (its own BatchNorm statistics), every
+  # row once an epoch; none where it cannot be a BatchNorm batch.
+  assert rows_seen == [16, 16, 8] * epochs
+  assert sorted(np.concatenate([np.ravel(order), tail]).tolist()) == list(range(n))
+  assert evaluate.augmented_probe_order(key, 0, 41, 16)[2] is not None  # 9 rows, one group
+  assert evaluate.augmented_probe_order(key, 0, 41, 16, groups=2)[2] is None  # 9 rows do not halve
+  assert evaluate.augmented_probe_order(key, 0, 33, 16)[2] is None  # one row: no batch statistics
   np.testing.assert_allclose(np.asarray(clf["w"]), p["w"], rtol=2e-3, atol=2e-5)
   np.testing.assert_allclose(np.asarray(clf["b"]), p["b"], rtol=2e-3, atol=2e-5)
   for got, want, before in zip(jax.tree.leaves(probed["batch_stats"]), jax.tree.leaves(stats),
