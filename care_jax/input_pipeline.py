@@ -362,6 +362,13 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
                                                           decoders=_skip_image_decoding()))
   ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   size = aug.image_size
+  # Which rows of this process's batch get e1, e2: only their images are resized whole
+  # (a resize of a full-size image per row costs as much as a crop; SimCLR / MoCo runs
+  # need none, the ImageNet-100 CARE configs half of them).
+  needs_e = np.zeros(local, bool)
+  if with_equivariance:
+    needs_e[slice(None) if equiv_rows is None else np.asarray(equiv_rows) - offset] = True
+  needs_e = tf.constant(needs_e)
 
   @_graph_only
   def sources(index, ex):
@@ -369,9 +376,13 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
     image.set_shape([None, None, 3])
     per_image = lambda view: tf.random.experimental.stateless_fold_in(
         augment.view_seed(seed, index, view), process_index)
-    return {"x1": augment.random_resized_crop(image, per_image(0), size, aug),
-            "x2": augment.random_resized_crop(image, per_image(1), size, aug),
-            "e": augment.resize_whole(image, size, aug.antialias), "labels": tf.cast(ex["label"], tf.int32)}
+    out = {"x1": augment.random_resized_crop(image, per_image(0), size, aug),
+           "x2": augment.random_resized_crop(image, per_image(1), size, aug),
+           "labels": tf.cast(ex["label"], tf.int32)}
+    if with_equivariance:  # index % local: the row in its batch (batches start at multiples of local)
+      out["e"] = tf.cond(needs_e[index % local], lambda: augment.resize_whole(image, size, aug.antialias),
+                         lambda: tf.zeros([size, size, 3]))
+    return out
 
   ds = ds.skip(start_step * local).enumerate(start_step * local)
   ds = ds.map(sources, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -385,8 +396,9 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
                                  with_equivariance=with_equivariance)
     for view in ("x1", "x2"):  # already cropped per image, each to its own box
       params[view]["crop"] = tf.tile(whole[None], [local, 1])
-    e = augment.process_rows(batch["e"], equiv_rows, offset)
-    sources = {"x1": batch["x1"], "x2": batch["x2"], "e1": e, "e2": e}
+    sources = {"x1": batch["x1"], "x2": batch["x2"]}
+    if with_equivariance:
+      sources["e1"] = sources["e2"] = augment.process_rows(batch["e"], equiv_rows, offset)
     out = {view: augment.apply(sources[view], p, aug) for view, p in params.items()}
     return {**out, "labels": batch["labels"], "step": step}
 
