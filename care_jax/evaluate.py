@@ -154,9 +154,12 @@ def _classifier_init(key, dim: int, num_classes: int) -> dict:
           "b": jnp.zeros((num_classes,), jnp.float32)}
 
 
-def _classifier_loss(p, x, y):
-  logits = x @ p["w"] + p["b"]
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+def _classifier_loss(p, x, y, mask=None):
+  """Mean softmax cross-entropy of the linear classifier, over the rows of `mask` where given."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y)
+  if mask is None:
+    return jnp.mean(ce)
+  return jnp.sum(jnp.where(mask, ce, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def _probe_optimizer(learning_rate: float, weight_decay: float):
@@ -323,12 +326,7 @@ def _lincls_update(carry, features, labels, mask, learning_rate, weight_decay: f
   dampening) on the mean loss over the batch's real rows: a short last batch (mask)
   counts as itself, as the release's DataLoader keeps it."""
   classifier, velocity = carry
-
-  def loss(p):
-    ce = optax.softmax_cross_entropy_with_integer_labels(features @ p["w"] + p["b"], labels)
-    return jnp.sum(jnp.where(mask, ce, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
-
-  grads = jax.grad(loss)(classifier)
+  grads = jax.grad(_classifier_loss)(classifier, features, labels, mask)
   velocity = jax.tree.map(lambda v, g, p: LINCLS_MOMENTUM * v + g + weight_decay * p, velocity, grads, classifier)
   return jax.tree.map(lambda p, v: p - learning_rate * v, classifier, velocity), velocity
 
