@@ -374,7 +374,7 @@ def _lincls_step(carry, variables, views, labels, mask, learning_rate, *, model,
 
 def lincls_probe(model, variables, train_batches: Callable[[int], Iterable[dict]] | None = None, *,
                  test_features: np.ndarray, test_labels: np.ndarray, num_classes: int, mesh,
-                 images: np.ndarray | None = None, labels: np.ndarray | None = None, aug=None,
+                 aug, images: np.ndarray | None = None, labels: np.ndarray | None = None,
                  to_global: Callable | None = None, epochs: int = 100, learning_rate: float = 30.0,
                  weight_decay: float = 1e-4, batch_size: int = 512, drop_epochs=(60, 80), seed: int = 0) -> dict:
   """MoCo's main_lincls.py, the release's ImageNet-100 probe: {top1 (the best epoch's, as
@@ -396,7 +396,7 @@ def lincls_probe(model, variables, train_batches: Callable[[int], Iterable[dict]
   replicated = NamedSharding(mesh, P())
   height = width = aug.image_size  # the streamed views'
   if images is not None:
-    n, height, width = images.shape[:3]
+    height, width = images.shape[1:3]
     images = jax.device_put(np.asarray(images, np.uint8), replicated)
     labels = jax.device_put(np.asarray(labels, np.int32), replicated)
   dim = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, height, width, 3)), train=False,
