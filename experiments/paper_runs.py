@@ -235,5 +235,6 @@ def settings(scale: str, dataset: str = "cifar10") -> dict:
   return {k: c[k] for k in ("dataset", "model", "model_width", "image_size", "source_image_size", "batch_size",
                             "num_train_steps", "num_epochs", "optimizer", "learning_rate", "temperature", "equiv_weight",
                             "equiv_splits", "equiv_batch_size", "equiv_augment_pairs", "linear_probe_epochs",
-                            "linear_probe_protocol", "linear_probe_seeds", "bn_groups", "resize_antialias",
+                            "linear_probe_protocol", "linear_probe_lr", "linear_probe_weight_decay",
+                            "linear_probe_lr_drop_epochs", "linear_probe_seeds", "bn_groups", "resize_antialias",
                             "wahba_trials", "wahba_examples")}
