@@ -13,7 +13,8 @@ differences over n), with 4 augmentation pairs a step, each shared by 4
 chunks (one per GPU there; equiv_augment_pairs). One difference remains: the
 release syncs BatchNorm over its GPUs in CARE runs but not in its SimCLR
 baseline (per-GPU statistics over 64 images), where the SimCLR run here keeps
-global statistics like the CARE run, so the pair differs in the objective only.
+global statistics like the CARE run, so the pair differs in the objective only
+(--config.bn_groups=4 on the SimCLR run gives the release's per-GPU statistics).
 Expected: paper Figure 4, linear probe top-1 76.69% (SimCLR 72.79%).
 The probe is the release's, MoCo's main_lincls.py (linear_probe_protocol=
 'lincls'): RandomResizedCrop(224) + flip views of the streamed training split
