@@ -98,13 +98,15 @@ def sample_params(seed, num: int, height: int, width: int, cfg: AugmentConfig, c
   }
 
 
-def random_resized_crop(image, seed, size: int, cfg: AugmentConfig):
+def random_resized_crop(image, seed, size: int, cfg: AugmentConfig, flip=None):
   """One image of any shape (uint8 [H, W, 3]) -> float32 [size, size, 3] in [0, 1] under a
   RandomResizedCrop drawn from `seed` on its own size: the streaming path's first step,
-  before images of different sizes can be batched."""
+  before images of different sizes can be batched. `flip` (scalar bool) mirrors it, free
+  in crop_resize."""
   shape = tf.shape(image)
   box = _sample_crop_boxes(seed, 1, shape[0], shape[1], cfg, True)[0]
-  return crop_resize(tf.cast(image, tf.float32)[None] / 255.0, box[None], size, antialias=cfg.antialias)[0]
+  return crop_resize(tf.cast(image, tf.float32)[None] / 255.0, box[None], size,
+                     flip=None if flip is None else flip[None], antialias=cfg.antialias)[0]
 
 
 def resize_whole(image, size: int, antialias: bool = False):

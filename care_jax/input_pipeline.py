@@ -321,10 +321,9 @@ def streaming_lincls_batches(name: str, split: str, *, data_dir: Optional[str], 
     image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     image_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index)
-    x = augment.random_resized_crop(image, tf.random.experimental.stateless_fold_in(image_seed, 0),
-                                    aug.image_size, aug)
     flip = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(image_seed, 1)) < aug.flip_prob
-    x = tf.where(flip, tf.reverse(x, axis=[1]), x)
+    x = augment.random_resized_crop(image, tf.random.experimental.stateless_fold_in(image_seed, 0),
+                                    aug.image_size, aug, flip=flip)
     return {"image": (x - mean) / std, "label": tf.cast(ex["label"], tf.int32)}
 
   ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
