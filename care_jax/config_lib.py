@@ -314,7 +314,7 @@ def _validate_bn_groups(config) -> None:
   groups = config.bn_groups
   if groups == 1:
     return
-  if config.objective in ("moco", "moco_care"):
+  if config.objective in MOCO_OBJECTIVES:
     raise ConfigError(f"bn_groups={groups} is for SimCLR-style objectives; objective={config.objective!r} groups "
                       "its BatchNorm with moco_bn_groups: set --config.bn_groups=1")
   for field in ("batch_size", "equiv_batch_size", "linear_probe_batch_size"):
