@@ -214,14 +214,19 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
   return {**probe_accuracy(params, test_x, test_y, num_classes), "epochs": epochs, "seed": seed}
 
 
+def _epoch_draws(key, epoch: int, n: int):
+  """An augmenting probe's epoch: its row permutation, and the key its batches'
+  augmentation keys come from."""
+  return jax.random.permutation(jax.random.fold_in(key, 2 * epoch), n), jax.random.fold_in(key, 2 * epoch + 1)
+
+
 def augmented_probe_order(key, epoch: int, n: int, batch_size: int, groups: int = 1):
   """Epoch `epoch`'s batches: (row indices [steps, batch_size], one augmentation key per
   batch, the last partial batch's rows, its key). The partial batch is None where it
   cannot be a training-mode BatchNorm batch: fewer than 2 rows per group, or rows that
   do not split evenly over the `groups` (torch would fail, or split it unevenly)."""
   steps = n // batch_size
-  permutation = jax.random.permutation(jax.random.fold_in(key, 2 * epoch), n)
-  keys_key = jax.random.fold_in(key, 2 * epoch + 1)
+  permutation, keys_key = _epoch_draws(key, epoch, n)
   rest = n - steps * batch_size
   tail = None
   if rest % groups == 0 and rest // groups >= 2:
@@ -341,11 +346,10 @@ def lincls_probe_order(key, epoch: int, n: int, batch_size: int):
   """Epoch `epoch`'s batches for lincls_probe: row indices [steps, batch_size] of a fresh
   permutation, the last batch padded, its mask, and one augmentation key per batch."""
   steps = -(-n // batch_size)
-  order = jax.random.permutation(jax.random.fold_in(key, 2 * epoch), n)
-  order = jnp.concatenate([order, jnp.zeros((steps * batch_size - n,), order.dtype)])
+  permutation, keys_key = _epoch_draws(key, epoch, n)
+  order = jnp.concatenate([permutation, jnp.zeros((steps * batch_size - n,), permutation.dtype)])
   mask = jnp.arange(steps * batch_size) < n
-  return (order.reshape(steps, batch_size), mask.reshape(steps, batch_size),
-          jax.random.split(jax.random.fold_in(key, 2 * epoch + 1), steps))
+  return order.reshape(steps, batch_size), mask.reshape(steps, batch_size), jax.random.split(keys_key, steps)
 
 
 @functools.partial(jax.jit, donate_argnums=0,
