@@ -214,6 +214,20 @@ def _skip_image_decoding():
   return {"image": tfds.decode.SkipDecoding()}
 
 
+def _decoded_rgb(ex):
+  """A streamed example's encoded image (_skip_image_decoding) as uint8 [H, W, 3]."""
+  image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _process_part(split: str, process_index: int, process_count: int) -> str:
+  """This process's part of a streamed split (the whole split for one process)."""
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  return split if process_count == 1 else tfds.split_for_jax_process(
+      split, process_index=process_index, process_count=process_count)
+
+
 def streaming_num_classes(name: str, data_dir: Optional[str], download: bool = False) -> int:
   if name == "imagenet100":
     return len(IMAGENET100_CLASSES)
@@ -224,17 +238,14 @@ def _streaming_eval_examples(name: str, split: str, *, data_dir: Optional[str], 
                              image_size: int, process_index: int = 0, process_count: int = 1,
                              limit: int = 0) -> tf.data.Dataset:
   """A streamed split's centre-cropped uint8 images and labels, in order; this process's part."""
-  import tensorflow_datasets as tfds  # noqa: PLC0415
   builder = _tfds_builder(_tfds_name(name), data_dir, download)
-  part = split if process_count == 1 else tfds.split_for_jax_process(
-      split, process_index=process_index, process_count=process_count)
+  part = _process_part(split, process_index, process_count)
   ds, _ = _class_subset(name, builder, builder.as_dataset(split=part, decoders=_skip_image_decoding()))
   if limit:  # after the class filter, so a subset gets `limit` of its own examples
     ds = ds.take(-(-limit // process_count))
 
   def decode(ex):
-    image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
+    image = _decoded_rgb(ex)
     return {"image": _center_crop_uint8(image, image_size), "label": tf.cast(ex["label"], tf.int32)}
 
   return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -307,8 +318,7 @@ def streaming_lincls_batches(name: str, split: str, *, data_dir: Optional[str], 
                      f"{process_count}")
   order_seed = int(np.random.SeedSequence([seed, epoch, process_index]).generate_state(1)[0] >> 1)
   builder = _tfds_builder(_tfds_name(name), data_dir, download)
-  part = split if process_count == 1 else tfds.split_for_jax_process(
-      split, process_index=process_index, process_count=process_count)
+  part = _process_part(split, process_index, process_count)
   read_config = tfds.ReadConfig(shuffle_seed=order_seed)
   ds, _ = _class_subset(name, builder, builder.as_dataset(split=part, shuffle_files=True, read_config=read_config,
                                                           decoders=_skip_image_decoding()))
@@ -318,8 +328,7 @@ def streaming_lincls_batches(name: str, split: str, *, data_dir: Optional[str], 
 
   @_graph_only
   def view(index, ex):
-    image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
+    image = _decoded_rgb(ex)
     image_seed = tf.random.experimental.stateless_fold_in(epoch_seed, index)
     flip = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(image_seed, 1)) < aug.flip_prob
     x = augment.random_resized_crop(image, tf.random.experimental.stateless_fold_in(image_seed, 0),
@@ -371,8 +380,7 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
 
   @_graph_only
   def sources(index, ex):
-    image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
+    image = _decoded_rgb(ex)
     per_image = lambda view: tf.random.experimental.stateless_fold_in(
         augment.view_seed(seed, index, view), process_index)
     out = {"x1": augment.random_resized_crop(image, per_image(0), size, aug),
