@@ -176,14 +176,15 @@ def probe_accuracy(classifier: dict, test_x: np.ndarray, test_y: np.ndarray, num
           "top5": 100.0 * float(np.mean(np.any(ranked[:, :min(5, num_classes)] == test_y[:, None], axis=1)))}
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
-                 num_classes: int, epochs: int = 100, learning_rate: float = 1e-3,
-                 weight_decay: float = 1e-6, batch_size: int = 512, seed: int = 0) -> dict:
-  """Softmax regression on frozen features; returns test top-1/top-5 (percent).
+def train_linear_classifier(train_x: np.ndarray, train_y: np.ndarray, *, num_classes: int, epochs: int = 100,
+                            learning_rate: float = 1e-3, weight_decay: float = 1e-6, batch_size: int = 512,
+                            seed: int = 0) -> dict:
+  """Softmax regression on frozen features -> the classifier {w, b}.
 
   Adam with L2 weight decay added to the gradient (torch.optim.Adam's
   weight_decay, as the release). Each epoch is a fresh permutation cut into
-  full batches; the < batch_size remainder changes every epoch.
+  batches, the last partial one a step of its own (a DataLoader without
+  drop_last), so every row is seen every epoch.
   """
   train_x = jnp.asarray(train_x, jnp.float32)
   train_y = jnp.asarray(train_y, jnp.int32)
@@ -194,24 +195,34 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
   init_key, key = jax.random.split(jax.random.PRNGKey(seed))
   params = _classifier_init(init_key, dim, num_classes)
 
+  def step(carry, idx):
+    p, opt_state = carry
+    grads = jax.grad(_classifier_loss)(p, train_x[idx], train_y[idx])
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return (optax.apply_updates(p, updates), opt_state), None
+
   @jax.jit
   def run(p, opt_state):
     def epoch(carry, e):
-      p, opt_state = carry
-      order = jax.random.permutation(jax.random.fold_in(key, e), n)[:steps * batch_size].reshape(steps, -1)
-
-      def step(carry, idx):
-        p, opt_state = carry
-        grads = jax.grad(_classifier_loss)(p, train_x[idx], train_y[idx])
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), None
-
-      return jax.lax.scan(step, (p, opt_state), order)[0], None
+      order = jax.random.permutation(jax.random.fold_in(key, e), n)
+      carry = jax.lax.scan(step, carry, order[:steps * batch_size].reshape(steps, -1))[0]
+      if steps * batch_size < n:  # static: the partial batch's size is known when tracing
+        carry = step(carry, order[steps * batch_size:])[0]
+      return carry, None
 
     return jax.lax.scan(epoch, (p, opt_state), jnp.arange(epochs))[0]
 
-  params, _ = run(params, tx.init(params))
-  return {**probe_accuracy(params, test_x, test_y, num_classes), "epochs": epochs, "seed": seed}
+  return run(params, tx.init(params))[0]
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
+                 num_classes: int, epochs: int = 100, learning_rate: float = 1e-3,
+                 weight_decay: float = 1e-6, batch_size: int = 512, seed: int = 0) -> dict:
+  """train_linear_classifier on the train features; returns test top-1/top-5 (percent)."""
+  classifier = train_linear_classifier(train_x, train_y, num_classes=num_classes, epochs=epochs,
+                                       learning_rate=learning_rate, weight_decay=weight_decay,
+                                       batch_size=batch_size, seed=seed)
+  return {**probe_accuracy(classifier, test_x, test_y, num_classes), "epochs": epochs, "seed": seed}
 
 
 def _epoch_draws(key, epoch: int, n: int):
@@ -281,7 +292,7 @@ def augmented_linear_probe(model, variables, images: np.ndarray, labels: np.ndar
   batch and the running statistics move (the release calls net.train() on the
   frozen encoder). The test pass then embeds the test split in inference mode
   with the returned variables, whose running statistics the probe moved.
-  Adam with L2 weight decay as `linear_probe`. Each epoch's last partial batch is
+  Adam with L2 weight decay as `train_linear_classifier`. Each epoch's last partial batch is
   a step of its own, as the release's DataLoader keeps it (augmented_probe_order
   says when it cannot be).
   The training images stay on the devices (replicated, as DeviceFeed); each

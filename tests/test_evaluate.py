@@ -54,6 +54,17 @@ def test_knn_scores_match_brute_force_when_k_reaches_far_neighbours(bank_chunk):
   np.testing.assert_allclose(got, _brute_force_knn_scores(bank, bank_y, queries, 4, 250, 0.2), rtol=1e-4)
 
 
+def _numpy_adam_l2_step(p, grads, m, v, t, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
+  """torch.optim.Adam with weight_decay, written out: g += wd p, then Adam."""
+  out = {}
+  for k in p:
+    g = grads[k] + wd * p[k]
+    m[k] = b1 * m[k] + (1 - b1) * g
+    v[k] = b2 * v[k] + (1 - b2) * g * g
+    out[k] = p[k] - lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+  return out
+
+
 def test_linear_probe_separates_linearly_separable_features():
   rng = np.random.default_rng(1)
   w = rng.normal(size=(16, 4))
@@ -70,6 +81,37 @@ def test_linear_probe_on_label_independent_features_is_near_chance():
   y = rng.integers(0, 4, 2000)
   result = evaluate.linear_probe(x[:1500], y[:1500], x[1500:], y[1500:], num_classes=4, epochs=20)
   assert result["top1"] < 40.0
+
+
+def test_features_probe_is_adam_with_l2_over_every_row_each_epoch_as_a_numpy_loop():
+  # Reference: the softmax gradient and torch's Adam + L2 in NumPy, float64, over
+  # each epoch's permutation cut into batches of 32, 32 and the partial 11.
+  import jax
+  rng = np.random.default_rng(5)
+  n, dim, classes, batch, epochs, lr, wd = 75, 6, 3, 32, 3, 1e-2, 0.1
+  x = rng.normal(size=(n, dim)).astype(np.float32)
+  y = rng.integers(0, classes, n)
+  got = evaluate.train_linear_classifier(x, y, num_classes=classes, epochs=epochs, learning_rate=lr,
+                                         weight_decay=wd, batch_size=batch, seed=7)
+  init_key, key = jax.random.split(jax.random.PRNGKey(7))
+  p = {k: np.asarray(v, np.float64) for k, v in evaluate._classifier_init(init_key, dim, classes).items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v2 = {k: np.zeros_like(v) for k, v in p.items()}
+  t, rows_seen = 0, []
+  for epoch in range(epochs):
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
+    for idx in (order[:32], order[32:64], order[64:]):
+      f = x[idx].astype(np.float64)
+      logits = f @ p["w"] + p["b"]
+      probs = np.exp(logits - logits.max(1, keepdims=True))
+      probs /= probs.sum(1, keepdims=True)
+      d = (probs - np.eye(classes)[y[idx]]) / len(idx)
+      t += 1
+      p = _numpy_adam_l2_step(p, {"w": f.T @ d, "b": d.sum(0)}, m, v2, t, lr, wd)
+      rows_seen.append(len(idx))
+  assert rows_seen == [32, 32, 11] * epochs
+  for k in p:
+    np.testing.assert_allclose(np.asarray(got[k]), p[k], rtol=1e-4, atol=1e-6)
 
 
 def test_wahba_trial_of_an_exact_rotation_is_zero_and_of_noise_is_not():
@@ -145,17 +187,6 @@ def _smoke_model_and_variables(**overrides):
   model = train.build_model(config)
   variables = model.init(jax.random.PRNGKey(1), np.zeros((2, 16, 16, 3), np.float32), train=False)
   return config, model, variables
-
-
-def _numpy_adam_l2_step(p, grads, m, v, t, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
-  """torch.optim.Adam with weight_decay, written out: g += wd p, then Adam."""
-  out = {}
-  for k in p:
-    g = grads[k] + wd * p[k]
-    m[k] = b1 * m[k] + (1 - b1) * g
-    v[k] = b2 * v[k] + (1 - b2) * g * g
-    out[k] = p[k] - lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
-  return out
 
 
 def test_augmented_probe_on_eight_devices_matches_a_plain_numpy_loop_and_moves_only_running_statistics():
