@@ -54,6 +54,16 @@ def test_knn_scores_match_brute_force_when_k_reaches_far_neighbours(bank_chunk):
   np.testing.assert_allclose(got, _brute_force_knn_scores(bank, bank_y, queries, 4, 250, 0.2), rtol=1e-4)
 
 
+def _numpy_softmax_grads(p, f, labels, classes, mask=None):
+  """Gradient of the mean softmax cross-entropy of f @ w + b (over the rows of `mask`)."""
+  logits = f @ p["w"] + p["b"]
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  weights = np.ones(len(f)) if mask is None else np.asarray(mask, np.float64)
+  d = (probs - np.eye(classes)[labels]) * weights[:, None] / weights.sum()
+  return {"w": f.T @ d, "b": d.sum(0)}
+
+
 def _numpy_adam_l2_step(p, grads, m, v, t, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
   """torch.optim.Adam with weight_decay, written out: g += wd p, then Adam."""
   out = {}
@@ -101,13 +111,9 @@ def test_features_probe_is_adam_with_l2_over_every_row_each_epoch_as_a_numpy_loo
   for epoch in range(epochs):
     order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
     for idx in (order[:32], order[32:64], order[64:]):
-      f = x[idx].astype(np.float64)
-      logits = f @ p["w"] + p["b"]
-      probs = np.exp(logits - logits.max(1, keepdims=True))
-      probs /= probs.sum(1, keepdims=True)
-      d = (probs - np.eye(classes)[y[idx]]) / len(idx)
       t += 1
-      p = _numpy_adam_l2_step(p, {"w": f.T @ d, "b": d.sum(0)}, m, v2, t, lr, wd)
+      p = _numpy_adam_l2_step(p, _numpy_softmax_grads(p, x[idx].astype(np.float64), y[idx], classes),
+                              m, v2, t, lr, wd)
       rows_seen.append(len(idx))
   assert rows_seen == [32, 32, 11] * epochs
   for k in p:
@@ -229,13 +235,9 @@ def test_augmented_probe_on_eight_devices_matches_a_plain_numpy_loop_and_moves_o
     order, keys, tail, tail_key = evaluate.augmented_probe_order(key, epoch, n, batch)
     for idx, view_key in [*zip(np.asarray(order), keys), (np.asarray(tail), tail_key)]:
       f, stats = features(stats, jax.device_put(images[idx], jax.devices()[0]), view_key)
-      f = np.asarray(f, np.float64)
-      logits = f @ p["w"] + p["b"]
-      probs = np.exp(logits - logits.max(1, keepdims=True))
-      probs /= probs.sum(1, keepdims=True)
-      d = (probs - np.eye(classes)[labels[idx]]) / len(idx)
       t += 1
-      p = _numpy_adam_l2_step(p, {"w": f.T @ d, "b": d.sum(0)}, m, v2, t, lr, wd)
+      p = _numpy_adam_l2_step(p, _numpy_softmax_grads(p, np.asarray(f, np.float64), labels[idx], classes),
+                              m, v2, t, lr, wd)
       rows_seen.append(len(idx))
   # The last partial batch is a step of its own (its own BatchNorm statistics), every
   # row once an epoch; none where it cannot be a BatchNorm batch.
@@ -336,11 +338,7 @@ def test_lincls_probe_on_eight_devices_is_numpy_sgd_on_frozen_features_short_bat
     order, mask, keys = evaluate.lincls_probe_order(key, epoch, n, batch)
     for idx, m, view_key in zip(np.asarray(order), np.asarray(mask), keys):
       f = np.asarray(features(jax.device_put(images[idx], jax.devices()[0]), view_key), np.float64)
-      logits = f @ p["w"] + p["b"]
-      probs = np.exp(logits - logits.max(1, keepdims=True))
-      probs /= probs.sum(1, keepdims=True)
-      d = (probs - np.eye(classes)[labels[idx]]) * m[:, None] / m.sum()
-      for k, g in (("w", f.T @ d), ("b", d.sum(0))):
+      for k, g in _numpy_softmax_grads(p, f, labels[idx], classes, mask=m).items():
         velocity[k] = 0.9 * velocity[k] + g + wd * p[k]
         p[k] = p[k] - rate * velocity[k]
       rows_seen.append(int(m.sum()))
