@@ -42,7 +42,8 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - flags errors come as many types.
-    _fail(_unknown_override(argv) or str(e).strip().splitlines()[-1])
+    # The last line is the cause (a config file's own error among them), less its type.
+    _fail(_unknown_override(argv) or re.sub(r"^[\w.]+Error: ", "", str(e).strip().splitlines()[-1]))
 
 
 def main(argv):

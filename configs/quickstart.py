@@ -76,6 +76,7 @@ def get_config(preset: str = ""):
     c.wahba_examples = 64
     c.random_init_baseline = False
   elif preset:
-    raise ValueError(f"configs/quickstart.py: unknown preset {preset!r}; use :smoke, :moco, :moco_care, "
-                     ":hyperboloid, :symplectic or none")
+    presets = ("smoke", "moco", "moco_care", "hyperboloid", "symplectic")
+    raise config_lib.ConfigError(f"configs/quickstart.py: unknown preset {preset!r}; use :{', :'.join(presets)} "
+                                 f"or none.{config_lib.did_you_mean(preset, presets)}")
   return c

@@ -87,6 +87,14 @@ def test_bad_config_is_one_line_and_nonzero(tmp_path, override, expected):
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_unknown_preset_is_one_line_with_the_closest_preset(tmp_path):
+  result = _main(f"--config={ROOT / 'configs' / 'quickstart.py'}:smok", f"--workdir={tmp_path / 'run'}")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: configs/quickstart.py: unknown preset 'smok'; use :smoke, :moco, :moco_care, :hyperboloid, "
+      ":symplectic or none. Did you mean \"smoke\"?")
+
+
 def test_unwritable_workdir_is_one_line(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
