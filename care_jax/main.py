@@ -56,7 +56,7 @@ def main(argv):
     config.keys()  # A config file that failed to load raises here.
   except Exception as e:  # noqa: BLE001
     _fail(f"--config: could not load {flags.FLAGS['config'].config_filename!r}: "
-          f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
+          f"{str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__}")
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING lines.
