@@ -817,8 +817,12 @@ def evaluate_workdir(workdir: str, step: int | None = None, overrides: dict | No
   model = train.build_model(config)
   like = train.create_train_state(model, train.make_optimizer(config, optax.constant_schedule(0.0)), config, mesh)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, read_only=True, log=log)
+  saved = ckpt.all_steps()
   state, restored_step = ckpt.restore_latest(like, at_most=step)
   ckpt.close()
+  if state is None and saved and step is not None and step < saved[0]:
+    raise config_lib.ConfigError(f"--step={step}: workdir={str(workdir)!r} has no checkpoint at or before it; "
+                                 f"its saved steps are {', '.join(map(str, saved))}")
   if state is None:
     raise config_lib.ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; wait for the first save")
   log(f"evaluating {workdir / 'checkpoints' / str(restored_step)}")

@@ -359,6 +359,8 @@ def test_smoke_run_without_tensorflow_writes_report_metrics_tensorboard_and_plot
   for key in ("knn_top1", "wahba_error_mean", "relative_equivariance", "composition_error_mean"):
     assert again[key] == pytest.approx(saved[key], rel=1e-5)
   assert again["linear_probe"]["seeds"] == [0, 1] and len(again["linear_probe"]["top1_per_seed"]) == 2
+  with pytest.raises(config_lib.ConfigError, match=r"--step=1: .* no checkpoint at or before it; its saved steps are 2, 4$"):
+    evaluate.evaluate_workdir(workdir.name, step=1)
 
 
 def _free_port() -> int:
