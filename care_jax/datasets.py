@@ -19,6 +19,8 @@ import functools
 import gzip
 import os
 import re
+import zipfile
+import zlib
 from typing import Iterator, Optional
 
 import jax
@@ -45,12 +47,25 @@ class ArrayDataset:
 # ------------------------------------------------------------------ sources without TensorFlow
 
 def _read_idx(path: str) -> np.ndarray:
+  """An IDX file of uint8 (gzipped or not); a truncated or foreign file is a one-line error."""
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError, zlib.error) as e:  # gzip raises all three for damaged files
+    raise _bad_idx(path, f"unreadable: {e}") from None
+  if len(data) < 4 or data[:3] != b"\x00\x00\x08":  # magic: two zero bytes, 0x08 = uint8
+    raise _bad_idx(path, "not a uint8 IDX file")
   ndim = data[3]
   dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+  if len(data) != 4 + 4 * ndim + int(np.prod(dims)):
+    raise _bad_idx(path, f"{len(data) - 4 - 4 * ndim} bytes of data for shape {dims}")
   return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _bad_idx(path: str, why: str) -> DatasetUnavailableError:
+  return DatasetUnavailableError(f"dataset: {path!r} is not a complete IDX file ({why}); copy it again, or "
+                                 "reinstall Debian's files (apt-get install --reinstall dataset-fashion-mnist)")
 
 
 def _idx_file(directory: str, stem: str) -> Optional[str]:
@@ -93,6 +108,9 @@ def load_fashion_mnist_idx(split: str, directory: str = FASHION_MNIST_DIR):
   if img is None or lab is None:
     raise FileNotFoundError(directory)
   images, labels = _read_idx(img), _read_idx(lab).astype(np.int32)
+  if len(images) != len(labels):
+    raise DatasetUnavailableError(f"dataset: {img!r} holds {len(images)} images but {lab!r} {len(labels)} labels; "
+                                  "give both files of one split")
   if bounds is not None:
     rows = _slice(len(images), bounds)
     images, labels = images[rows], labels[rows]
@@ -102,12 +120,21 @@ def load_fashion_mnist_idx(split: str, directory: str = FASHION_MNIST_DIR):
 def _load_npz(path: str):
   if not os.path.exists(path):
     raise DatasetUnavailableError(f"dataset: npz file {path!r} does not exist; give npz:/absolute/path/file.npz")
-  with np.load(path, allow_pickle=False) as f:
-    missing = {"images", "labels"} - set(f.files)
-    if missing:
-      raise DatasetUnavailableError(f"dataset: {path!r} lacks arrays {sorted(missing)}; it needs 'images' "
-                                    f"[N, H, W(, C)] uint8 and 'labels' [N] (has {sorted(f.files)})")
-    images, labels = f["images"], f["labels"].astype(np.int32)
+  try:
+    with open(path, "rb") as file:  # ours to close, whatever np.load makes of it
+      f = np.load(file, allow_pickle=False)
+      if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError("a single array (.npy), not an archive of arrays")
+      names = sorted(f.files)
+      arrays = {k: f[k] for k in ("images", "labels") if k in names}
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # a damaged or foreign file
+    raise DatasetUnavailableError(f"dataset: {path!r} is not a readable .npz archive ({e}); write it with "
+                                  "np.savez(path, images=..., labels=...)") from None
+  missing = {"images", "labels"} - set(arrays)
+  if missing:
+    raise DatasetUnavailableError(f"dataset: {path!r} lacks arrays {sorted(missing)}; it needs 'images' "
+                                  f"[N, H, W(, C)] uint8 and 'labels' [N] (has {names})")
+  images, labels = arrays["images"], arrays["labels"].astype(np.int32)
   if images.dtype != np.uint8:
     raise DatasetUnavailableError(f"dataset: {path!r} images must be uint8 in [0, 255], got {images.dtype}")
   return images, labels, int(labels.max()) + 1 if labels.size else 0

@@ -44,6 +44,28 @@ def test_npz_source_and_resize(tmp_path):
   assert data.images.shape == (40, 16, 16, 3) and data.num_classes == 4
 
 
+@pytest.mark.parametrize("damage, pattern", [
+    ("truncated", r"is not a readable .npz archive \(File is not a zip file\)"),
+    ("single_array", r"is not a readable .npz archive \(a single array \(.npy\), not an archive of arrays\)"),
+    ("object_array", r"is not a readable .npz archive \(Object arrays cannot be loaded"),
+    ("no_labels", r"lacks arrays \['labels'\]; it needs .* \(has \['images', 'y'\]\)"),
+])
+def test_damaged_npz_files_are_one_line_naming_the_file(tmp_path, damage, pattern):
+  path = tmp_path / "toy.npz"
+  if damage == "truncated":
+    path.write_bytes(open(_npz(tmp_path), "rb").read()[:300])
+  elif damage == "single_array":
+    with open(path, "wb") as f:
+      np.save(f, np.zeros((4, 8, 8), np.uint8))
+  elif damage == "object_array":
+    np.savez(path, images=np.array([None], dtype=object), labels=np.arange(1))
+  else:
+    np.savez(path, images=np.zeros((4, 8, 8), np.uint8), y=np.arange(4))
+  with pytest.raises(ip.DatasetUnavailableError, match=pattern) as err:
+    ip.load_dataset(f"npz:{path}", "train", 8)
+  assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
 def _pretrain(data, **kw):
   args = dict(seed=1, global_batch=8, num_chunks=2, aug=augment.AugmentConfig(image_size=8))
   args.update(kw)
@@ -195,6 +217,31 @@ def test_fashion_mnist_idx_files_under_data_dir_come_first(tmp_path):
   _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
   data = ip.load_dataset("fashion_mnist", "test[:20]", 28, data_dir=str(tmp_path))
   assert np.array_equal(data.images[..., 1], images[:20]) and np.array_equal(data.labels, labels[:20])
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    ("truncated", r"t10k-images-idx3-ubyte.gz' is not a complete IDX file \(unreadable: Compressed file ended"),
+    ("short", r"t10k-images-idx3-ubyte.gz' is not a complete IDX file \(23500 bytes of data for shape \[30, 28, 28\]"),
+    ("foreign", r"t10k-images-idx3-ubyte.gz' is not a complete IDX file \(not a uint8 IDX file\)"),
+    ("unpaired", r"holds 30 images but .*t10k-labels-idx1-ubyte.gz' 29 labels; give both files of one split"),
+])
+def test_damaged_idx_files_are_one_line_naming_the_file(tmp_path, damage, pattern):
+  import gzip  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  images, labels = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8), np.arange(30) % 10
+  path = tmp_path / "t10k-images-idx3-ubyte.gz"
+  _write_idx(path, images)
+  _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels[:29] if damage == "unpaired" else labels)
+  if damage == "truncated":
+    path.write_bytes(path.read_bytes()[:200])
+  elif damage == "short":
+    data = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(data[:-20]))
+  elif damage == "foreign":
+    path.write_bytes(gzip.compress(b"<html>not found</html>"))
+  with pytest.raises(ip.DatasetUnavailableError, match=pattern) as err:
+    ip.load_dataset("fashion_mnist", "test", 28, data_dir=str(tmp_path))
+  assert "\n" not in str(err.value)
 
 
 def test_streamed_evaluation_matches_the_in_memory_split_and_features():
