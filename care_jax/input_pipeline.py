@@ -21,6 +21,7 @@ global batch is the same whatever the number of processes.
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterator, Optional
 
 import numpy as np
@@ -130,6 +131,9 @@ def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool, im
   return data["image"], np.asarray(labels, np.int32), num_classes
 
 
+FOLDER_IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what tf.image.decode_image reads
+
+
 def load_folder(root: str, image_size: int):
   if not os.path.isdir(root):
     raise DatasetUnavailableError(f"dataset: image folder {root!r} does not exist; give folder:/path with one sub-folder per class")
@@ -138,11 +142,20 @@ def load_folder(root: str, image_size: int):
     raise DatasetUnavailableError(f"dataset: image folder {root!r} has no class sub-folders")
   images, labels = [], []
   for label, cls in enumerate(classes):
-    for fname in sorted(os.listdir(os.path.join(root, cls))):
-      raw = tf.io.read_file(os.path.join(root, cls, fname))
-      img = tf.image.decode_image(raw, channels=3, expand_animations=False)
+    # Image files only, as torchvision's ImageFolder: a README or .DS_Store beside them is no sample.
+    for fname in sorted(f for f in os.listdir(os.path.join(root, cls)) if f.lower().endswith(FOLDER_IMAGE_TYPES)):
+      path = os.path.join(root, cls, fname)
+      try:
+        img = tf.image.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+      except tf.errors.InvalidArgumentError as e:
+        why = re.sub(r"\{\{.*?\}\}\s*", "", e.message).split(". ")[0]  # less TF's op-location prefix
+        raise DatasetUnavailableError(f"dataset: {path!r} does not decode as an image ({why}); replace or remove "
+                                      "it") from None
       images.append(resize_uint8(img[None], image_size)[0])
       labels.append(label)
+  if not images:
+    raise DatasetUnavailableError(f"dataset: image folder {root!r} has no {'/'.join(FOLDER_IMAGE_TYPES)} files "
+                                  "in its class sub-folders")
   return np.stack(images), np.asarray(labels, np.int32), len(classes)
 
 

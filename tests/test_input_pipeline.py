@@ -158,12 +158,26 @@ def test_image_folder_source_resizes_mixed_sizes(tmp_path):
     for i, s in enumerate(sizes):
       pixels = rng.integers(0, 256, (s, s, 3), dtype=np.uint8)
       tf.io.write_file(str(tmp_path / cls / f"{i}.png"), tf.io.encode_png(pixels))
+  # Files that are not images are no samples (torchvision's ImageFolder takes image extensions only).
+  (tmp_path / "cat" / "README.txt").write_text("photos by ...")
+  (tmp_path / "dog" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
   data = ip.load_dataset("folder:" + str(tmp_path), "train", 8)
   assert data.images.shape == (3, 8, 8, 3) and data.images.dtype == np.uint8
   assert data.labels.tolist() == [0, 0, 1] and data.num_classes == 2
   # The 8x8 image is already at size: it comes back unchanged.
   original = tf.io.decode_png(tf.io.read_file(str(tmp_path / "dog" / "0.png"))).numpy()
   np.testing.assert_array_equal(data.images[2], original)
+
+
+def test_image_folder_with_a_broken_image_or_none_is_one_line(tmp_path):
+  (tmp_path / "cat").mkdir()
+  (tmp_path / "cat" / "notes.txt").write_text("no images here")
+  with pytest.raises(ip.DatasetUnavailableError, match=r"has no .jpg/.jpeg/.png/.bmp/.gif files in its class"):
+    ip.load_dataset("folder:" + str(tmp_path), "train", 8)
+  (tmp_path / "cat" / "0.jpg").write_bytes(b"\xff\xd8\xff\xe0 a cut-off download")
+  with pytest.raises(ip.DatasetUnavailableError,
+                     match=r"cat/0.jpg' does not decode as an image \(jpeg::Uncompress failed\); replace or remove it$"):
+    ip.load_dataset("folder:" + str(tmp_path), "train", 8)
 
 
 def test_imagenet100_streams_the_subset_resumes_exactly_and_splits_across_processes():
