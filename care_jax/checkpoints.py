@@ -47,6 +47,14 @@ class CheckpointError(RuntimeError):
   """No checkpoint in the directory could be read."""
 
 
+def _shapes(tree) -> dict:
+  """'params/backbone/Conv_0/kernel' -> shape (None where a leaf has none), for a train
+  state or orbax's metadata of one (attribute, key and index paths alike)."""
+  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return {"/".join(map(name, path)): (tuple(leaf.shape) if getattr(leaf, "shape", None) is not None else None)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def abstract_like(state):
   """ShapeDtypeStructs with the shardings of `state`: what restore fills in."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -89,17 +97,18 @@ class Checkpointer:
     abstract = abstract_like(like)
     restore = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
     for step in reversed(steps):
+      # Readable, but not this config's train state (another width, say): not damage,
+      # so nothing may be moved aside. The saved shapes tell before any array is read.
+      difference = self._difference_from(step, like)
+      if difference:
+        raise self._different_state(step, difference)
       try:
         state = self._manager.restore(step, args=restore)
         return state, step
       except Exception as e:  # noqa: BLE001 - any unreadable file means: use the previous one.
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         if _STRUCTURE_MISMATCH in str(e):
-          # Readable, but not this config's train state: not damage, so nothing is moved aside.
-          raise CheckpointError(
-              f"checkpoint at step {step} in {self.directory} holds a different train state than this config "
-              "builds (another objective, model, optimiser or geometry?); resume with the config the run was "
-              "started with (its workdir/config.json) or pass a new --workdir") from None
+          raise self._different_state(step, "another tree of arrays") from None
         if self._read_only:
           self._log(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {reason}); trying the previous one")
           continue
@@ -110,6 +119,29 @@ class Checkpointer:
       raise CheckpointError(f"no readable checkpoint in {self.directory} (tried steps {steps}); "
                             f"move the directory away to start afresh")
     return None, None
+
+  def _difference_from(self, step: int, like) -> Optional[str]:
+    """The first array whose saved path or shape differs from `like`'s; None if all
+    agree or the metadata cannot be read (then the restore itself decides)."""
+    try:
+      saved = _shapes(self._manager.item_metadata(step))
+    except Exception:  # noqa: BLE001 - damaged metadata is for the restore to report.
+      return None
+    wanted = _shapes(like)
+    for path in sorted(set(saved) | set(wanted)):
+      if path not in wanted:
+        return f"{path}: saved, but not in this config's state"
+      if path not in saved:
+        return f"{path}: in this config's state, but not saved"
+      if None not in (saved[path], wanted[path]) and saved[path] != wanted[path]:
+        return f"{path}: saved with shape {saved[path]}, this config's is {wanted[path]}"
+    return None
+
+  def _different_state(self, step: int, difference: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint at step {step} in {self.directory} holds a different train state than this config builds "
+        f"({difference}: another objective, model, width, optimiser or geometry?); resume with the config the "
+        "run was started with (its workdir/config.json) or pass a new --workdir")
 
   def _aside_dir(self) -> epath.Path:
     return self.directory.parent / "checkpoints_unreadable"

@@ -246,7 +246,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_temporary_dirs_are_cleaned(tmp
 
 
 @needs_fashion_mnist
-def test_a_run_resumed_with_another_objective_stops_with_one_line_and_keeps_its_checkpoints(tmp_path):
+def test_a_run_resumed_with_another_objective_or_width_stops_with_one_line_and_keeps_its_checkpoints(tmp_path):
   workdir = tmp_path / "run"
   first = _main(SMOKE, f"--workdir={workdir}", DEVICE_VIEWS, "--config.num_train_steps=2", "--config.final_eval=False")
   assert first.returncode == 0, first.stderr[-2000:]
@@ -254,6 +254,14 @@ def test_a_run_resumed_with_another_objective_stops_with_one_line_and_keeps_its_
                  "--config.objective=moco_care", "--config.moco_queue_size=64", "--config.moco_bn_groups=4")
   assert second.returncode == 1 and "Traceback" not in second.stderr
   assert "holds a different train state" in second.stderr.strip().splitlines()[-1]
+  assert "moco/" in second.stderr.strip().splitlines()[-1]  # names an array the saved state lacks
+  assert (workdir / "checkpoints" / "2").is_dir() and not (workdir / "checkpoints_unreadable").exists()
+  # The same tree at another width: every array readable, none of the right shape.
+  # It used to read as damage: each checkpoint moved aside, and the next run began afresh.
+  third = _main(SMOKE, f"--workdir={workdir}", DEVICE_VIEWS, "--config.num_train_steps=4", "--config.final_eval=False",
+                "--config.model_width=0.125")
+  assert third.returncode == 1 and "Traceback" not in third.stderr
+  assert "saved with shape (4,), this config's is (8,)" in third.stderr.strip().splitlines()[-1]
   assert (workdir / "checkpoints" / "2").is_dir() and not (workdir / "checkpoints_unreadable").exists()
 
 
