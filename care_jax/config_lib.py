@@ -197,9 +197,11 @@ def validate(config, num_devices: int = 1) -> None:
     _at_least(config, field, 1)
   for field in ("num_epochs", "num_train_steps", "warmup_epochs", "weight_decay", "equiv_weight", "equiv_batch_size",
                 "equiv_augment_pairs", "eval_every_steps", "checkpoint_every_steps", "linear_probe_epochs", "wahba_trials",
-                "momentum", "knn_monitor_examples", "wahba_examples", "linear_probe_weight_decay",
-                "source_image_size"):
+                "momentum", "knn_monitor_examples", "linear_probe_weight_decay", "source_image_size"):
     _at_least(config, field, 0)
+  _at_least(config, "wahba_examples", 2, " (Wahba, gamma_f and Corollary 1 compare pairs of test images)")
+  if not config.momentum < 1:  # a trace with decay >= 1 never forgets: the step grows without bound
+    raise ConfigError(f"momentum={config.momentum!r} must be in [0, 1); set --config.momentum=0.9")
   _at_least(config, "keep_checkpoints", 1)
   _at_least(config, "linear_probe_batch_size", 1)
   _at_least(config, "linear_probe_seeds", 1)

@@ -834,6 +834,15 @@ def evaluate_workdir(workdir: str, step: int | None = None, overrides: dict | No
   return report
 
 
+def summary_line(report: dict) -> str:
+  """The report's headline figures on one line (Wahba and gamma_f left out when wahba_trials=0)."""
+  line = f"kNN top-1 {report['knn_top1']:.2f}%  linear probe top-1 {report['linear_probe_top1']:.2f}%"
+  if report.get("wahba_error_mean") is not None:
+    line += (f"  Wahba error mean {report['wahba_error_mean']:.4f} max {report['wahba_error_max']:.4f}  "
+             f"gamma_f {report['relative_equivariance']:.4f}")
+  return line
+
+
 def write_report(workdir, report: dict) -> None:
   """workdir/report.json and the PNG figures (process 0 only)."""
   from etils import epath  # noqa: PLC0415

@@ -557,11 +557,10 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   report = evaluator.report(variables_of(state), step, baseline)
   report["step"] = step
   evaluate.write_report(workdir, report)
+  # Wahba and gamma_f are None when wahba_trials=0.
   writer.write(step, {k: report[k] for k in ("knn_top1", "linear_probe_top1", "wahba_error_mean",
-                                             "wahba_error_max", "relative_equivariance")})
-  writer.note(f"report: {workdir / 'report.json'}  kNN top-1 {report['knn_top1']:.2f}%  linear probe top-1 "
-              f"{report['linear_probe_top1']:.2f}%  Wahba error mean {report['wahba_error_mean']:.4f} "
-              f"max {report['wahba_error_max']:.4f}  gamma_f {report['relative_equivariance']:.4f}")
+                                             "wahba_error_max", "relative_equivariance") if report[k] is not None})
+  writer.note(f"report: {workdir / 'report.json'}  {evaluate.summary_line(report)}")
   writer.close()
   return report
 

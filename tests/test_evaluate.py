@@ -349,3 +349,13 @@ def test_lincls_probe_on_eight_devices_is_numpy_sgd_on_frozen_features_short_bat
   assert got["top1_per_epoch"] == pytest.approx(per_epoch)
   assert got["top1"] == max(per_epoch) and got["best_epoch"] == int(np.argmax(per_epoch))
   assert got["top1_last"] == pytest.approx(per_epoch[-1])
+
+
+def test_summary_line_leaves_out_the_geometry_when_no_wahba_trial_ran():
+  # wahba_trials=0 gives None for Wahba and gamma_f; the end-of-run line once crashed on it.
+  report = {"knn_top1": 77.054, "linear_probe_top1": 78.77, "wahba_error_mean": None, "wahba_error_max": None,
+            "relative_equivariance": None}
+  assert evaluate.summary_line(report) == "kNN top-1 77.05%  linear probe top-1 78.77%"
+  report.update(wahba_error_mean=16.03612, wahba_error_max=26.1366, relative_equivariance=0.83768)
+  assert evaluate.summary_line(report) == ("kNN top-1 77.05%  linear probe top-1 78.77%  Wahba error mean 16.0361 "
+                                           "max 26.1366  gamma_f 0.8377")

@@ -75,6 +75,8 @@ def _losses(workdir) -> dict:
     ("--config.optimizer=adamw", "optimizer='adamw' is not known; choose one of adam, sgd, lars"),
     ("--config.dataset=cifar11", "dataset='cifar11' is not known"),
     ("--config.batch_size=abc", "--config.batch_size=abc"),
+    ("--config.wahba_examples=1", "wahba_examples=1 must be a number >= 2 (Wahba, gamma_f and Corollary 1 compare"),
+    ("--config.momentum=1.0", "momentum=1.0 must be in [0, 1); set --config.momentum=0.9"),
 ])
 def test_bad_config_is_one_line_and_nonzero(tmp_path, override, expected):
   started = time.perf_counter()
