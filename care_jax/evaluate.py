@@ -578,6 +578,19 @@ class RunEvaluator:
       self._data[key] = datasets.load_dataset(c.dataset, split, size, c.data_dir or None, c.download)
     return self._data[key]
 
+  def check_splits(self) -> None:
+    """Reads the evaluation splits now (in memory) or checks their names (streamed), so a
+    bad split fails before training rather than after it; the report reuses what is read."""
+    c = self.config
+    splits = {c.test_split, c.eval_train_split or c.train_split}
+    if self.streaming:
+      from care_jax import input_pipeline  # noqa: PLC0415
+      for split in splits:
+        input_pipeline.check_split(c.dataset, split, c.data_dir or None, c.download)
+    else:
+      for split in splits:
+        self.data(split)
+
   def num_classes(self) -> int:
     c = self.config
     if self.streaming:

@@ -70,6 +70,24 @@ def _tfds_builder(name: str, data_dir: Optional[str], download: bool):
   return builder
 
 
+def _check_split(builder, name: str, split: str) -> None:
+  """A split spec ('train', 'train[:10%]+test') naming a split the prepared dataset
+  lacks is a one-line error (tfds' own is a traceback, and may come after training)."""
+  known = list(builder.info.splits.keys())
+  if not known:  # no split metadata (tfds' mock data): tfds decides when reading
+    return
+  for part in split.split("+"):
+    base = part.split("[")[0].strip()
+    if base not in known:
+      raise DatasetUnavailableError(f"dataset: {name!r} has no split {base!r} (in {split!r}); its splits are "
+                                    f"{', '.join(sorted(known))}.{config_lib.did_you_mean(base, known)}")
+
+
+def check_split(name: str, split: str, data_dir: Optional[str], download: bool = False) -> None:
+  """_check_split from the dataset's metadata alone (no example is read)."""
+  _check_split(_tfds_builder(_tfds_name(name), data_dir, download), name, split)
+
+
 def _class_subset(name: str, builder, ds):
   """(examples, number of classes): a class subset's examples only, relabelled 0..K-1 in list order.
 
@@ -107,6 +125,7 @@ def _center_crop_uint8(image, size: int):
 def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool, image_size: int = 0):
   import tensorflow_datasets as tfds  # noqa: PLC0415
   builder = _tfds_builder(_tfds_name(name), data_dir, download)
+  _check_split(builder, name, split)
   # Decoded after the class filter (ImageNet-100 keeps 1 image in 10), by the
   # same op as the streamed paths, so in-memory and streamed pixels agree.
   ds, subset_classes = _class_subset(name, builder, builder.as_dataset(split=split,
@@ -212,6 +231,7 @@ def pretraining_dataset(data: ArrayDataset, *, seed: int, global_batch: int, num
 def streaming_num_examples(name: str, split: str, data_dir: Optional[str], download: bool = False) -> int:
   """Examples in a streamed split (ImageNet-100: counted through the class filter, once)."""
   builder = _tfds_builder(_tfds_name(name), data_dir, download)
+  _check_split(builder, name, split)
   if name != "imagenet100":
     try:
       return int(builder.info.splits[split].num_examples)  # tfds resolves slices ('train[:10%]')

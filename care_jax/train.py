@@ -441,6 +441,13 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   tx = make_optimizer(config, schedule)
   state = create_train_state(model, tx, config, mesh)
   writer = metric_writers.MetricWriter(workdir, durations.total_steps, enabled=is_chief)
+  to_global = global_batch_builder(mesh)
+  # Final-report features go to workdir/features for later evaluations of the checkpoint.
+  evaluator = evaluate.RunEvaluator(config, model, mesh, log=writer.note, cache_dir=workdir / "features")
+  if train_data is not None:
+    evaluator.add_data(config.train_split, train_data)
+  if config.final_eval or config.eval_every_steps:
+    evaluator.check_splits()  # before the checkpoint and config.json are touched
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, log=writer.note)
   restored, start_step = ckpt.restore_latest(state)
   if restored is not None:
@@ -450,12 +457,6 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   writer.truncate_after(start_step)
   if is_chief:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-
-  to_global = global_batch_builder(mesh)
-  # Final-report features go to workdir/features for later evaluations of the checkpoint.
-  evaluator = evaluate.RunEvaluator(config, model, mesh, log=writer.note, cache_dir=workdir / "features")
-  if train_data is not None:
-    evaluator.add_data(config.train_split, train_data)
 
   views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
   last_step = durations.total_steps if stop_at_step is None else min(stop_at_step, durations.total_steps)

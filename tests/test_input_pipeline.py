@@ -336,6 +336,17 @@ def test_streamed_evaluation_parts_of_several_processes_cover_each_example_once(
   head = ip.load_streaming_head("tiny_streamed_images", "validation", 5, data_dir=str(tmp_path), download=False,
                                 image_size=16)
   np.testing.assert_array_equal(head.images, whole.images[:5])
+  # A split the dataset lacks is one line naming its splits, from the metadata alone.
+  bad = (r"'tiny_streamed_images' has no split 'valid' \(in 'validation\[:5\]\+valid'\); its splits are "
+         r'validation. Did you mean "validation"\?$')
+  for read in (lambda: ip.load_dataset("tiny_streamed_images", "validation[:5]+valid", 16, data_dir=str(tmp_path)),
+               lambda: ip.streaming_num_examples("tiny_streamed_images", "validation[:5]+valid", str(tmp_path)),
+               lambda: ip.check_split("tiny_streamed_images", "validation[:5]+valid", str(tmp_path))):
+    with pytest.raises(ip.DatasetUnavailableError, match=bad):
+      read()
+  with pytest.raises(ip.DatasetUnavailableError, match=r"no split 'test' \(in 'test'\); its splits are validation.$"):
+    ip.check_split("tiny_streamed_images", "test", str(tmp_path))
+  assert ip.streaming_num_examples("tiny_streamed_images", "validation[:5]+validation[10:]", str(tmp_path)) == 16
 
 
 def test_streamed_lincls_views_cover_each_example_once_and_train_as_the_in_memory_probe(tmp_path):

@@ -77,6 +77,8 @@ def _losses(workdir) -> dict:
     ("--config.batch_size=abc", "--config.batch_size=abc"),
     ("--config.wahba_examples=1", "wahba_examples=1 must be a number >= 2 (Wahba, gamma_f and Corollary 1 compare"),
     ("--config.momentum=1.0", "momentum=1.0 must be in [0, 1); set --config.momentum=0.9"),
+    # Read before training, not after it (the evaluation splits once failed at the end).
+    ("--config.test_split=validation", "fashion_mnist split must be 'train' or 'test'"),
 ])
 def test_bad_config_is_one_line_and_nonzero(tmp_path, override, expected):
   started = time.perf_counter()
@@ -86,7 +88,7 @@ def test_bad_config_is_one_line_and_nonzero(tmp_path, override, expected):
   assert "Traceback" not in result.stderr, result.stderr
   assert expected in lines[-1], result.stderr
   assert time.perf_counter() - started < 60
-  assert not (tmp_path / "run" / "checkpoints").exists()
+  assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.json").exists()
 
 
 def test_unknown_preset_is_one_line_with_the_closest_preset(tmp_path):
