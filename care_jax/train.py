@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -376,18 +377,24 @@ def maybe_initialize_distributed(config) -> None:
 # ------------------------------------------------------------------ the loop
 
 class _StopFlag:
-  """Set by SIGTERM (preemption): the loop saves a checkpoint and returns."""
+  """Set by SIGTERM (preemption) or a first Ctrl-C: the loop saves a checkpoint and
+  returns. A second Ctrl-C interrupts at once, as Python's default does."""
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = {}
 
   def install(self):
     if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     return self
 
   def _handle(self, signum, frame):
+    if signum == signal.SIGINT:
+      if self.requested:
+        raise KeyboardInterrupt
+      print("stopping after this step with a checkpoint (Ctrl-C again to stop at once, losing the steps since the "
+            "last checkpoint)", file=sys.stderr, flush=True)
     self.requested = True
 
   def should_stop(self, step: int) -> bool:
@@ -398,8 +405,9 @@ class _StopFlag:
     return self.requested
 
   def uninstall(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      if previous is not None:  # None: a handler set outside Python, which cannot be put back
+        signal.signal(sig, previous)
 
 
 def _host_metrics(metrics) -> dict:

@@ -270,7 +270,8 @@ def test_a_run_resumed_with_another_objective_or_width_stops_with_one_line_and_k
 
 
 @needs_fashion_mnist
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])  # preemption, and a first Ctrl-C
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path, stop):
   workdir = tmp_path / "run"
   proc = subprocess.Popen([sys.executable, "-m", "care_jax.main", SMOKE, f"--workdir={workdir}", DEVICE_VIEWS,
                            "--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000"],
@@ -279,10 +280,11 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
   deadline = time.time() + 180
   while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
     time.sleep(0.5)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(stop)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err
   assert "rerun the same command to resume" in err
+  assert ("Ctrl-C again to stop at once" in err) == (stop == signal.SIGINT)
   saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert len(saved) == 1 and saved[0] >= 3
   result = _main(SMOKE, f"--workdir={workdir}", DEVICE_VIEWS, f"--config.num_train_steps={saved[0] + 2}",
