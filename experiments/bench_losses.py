@@ -195,6 +195,18 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=100, help="interleaved timing rounds (capped at ~20 s a row)")
   args = parser.parse_args(argv)
   batch_sizes = [b for b in args.batch_sizes if not args.quick or b <= 1024]
+  # Bad sizes are one line (argparse's usage, then the error) before any timing.
+  if not batch_sizes:
+    parser.error("no batch size left to time (--quick keeps B <= 1024); give --batch-sizes 256 1024")
+  if min(batch_sizes) < 2 or min(args.chunk_sizes, default=2) < 2:
+    parser.error("--batch-sizes and --chunk-sizes must be >= 2 (InfoNCE needs negatives, L_equi pairs in a chunk)")
+  for b in batch_sizes:
+    for n in args.chunk_sizes:
+      if n <= b and b % n:
+        parser.error(f"--chunk-sizes {n} does not divide --batch-sizes {b}; give chunk sizes that divide every "
+                     "batch size (powers of two do)")
+  if args.dim < 2 or args.rounds < 1:
+    parser.error(f"--dim must be >= 2 and --rounds >= 1 (got {args.dim}, {args.rounds})")
 
   dev = jax.devices()[0]
   device_name = f"{dev.platform}:{getattr(dev, 'device_kind', '')}".rstrip(":")

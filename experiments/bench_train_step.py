@@ -279,6 +279,11 @@ def main(argv=None):
   else:
     rows = [(m, b, d, a, v) for m in models for b in batch_sizes
             for d in dtypes for a in args.augment for v in view_modes]
+  for model, batch, dtype, augment, views in rows:  # a bad row stops here, before minutes of reference timing
+    try:
+      _config(model, width, batch, dtype, augment, views)
+    except config_lib.ConfigError as err:
+      raise SystemExit(f"bench_train_step: row {model}:{batch}:{dtype}:{augment}:{views}: {err}") from None
   torch = None if args.no_torch else torch_reference.torch_module()
 
   dev = jax.devices()[0]

@@ -1,4 +1,5 @@
-"""bench_train_step's bookkeeping on a GPU shared by two frameworks: references first, OOM rows kept.
+"""bench_train_step's bookkeeping on a GPU shared by two frameworks: references first, OOM rows kept;
+and both benchmarks' refusal of bad arguments before any timing.
 
 The timings themselves are the benchmark's business; here jax_row and torch_row are
 replaced by stand-ins so the test checks what the table says when a row runs out of
@@ -86,6 +87,31 @@ def test_a_failing_row_or_reference_is_named_the_others_still_run_and_the_exit_s
   assert rows["resnet18", "64"].split()[-3:] == ["(failed)", "-", "-"]  # no speed-up against a failed reference
   # Both tracebacks, for the bug report.
   assert err.count("Traceback (most recent call last)") == 2 and "second line" in err
+
+
+def test_a_bad_row_stops_before_any_timing_with_one_line(monkeypatch):
+  calls = []
+  _patch(monkeypatch, calls, jax_ms={}, torch_ms={})
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(["--rows", "resnet18:32:float32:views", "resnet19:32:float32:views"])
+  assert exit_info.value.code.startswith("bench_train_step: row resnet19:32:float32:views:sequential: "
+                                         "model='resnet19' is not known")
+  assert calls == []  # not even the first row's reference
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-sizes", "100", "--chunk-sizes", "3"], "--chunk-sizes 3 does not divide --batch-sizes 100"),
+    (["--batch-sizes", "1"], "--batch-sizes and --chunk-sizes must be >= 2"),
+    (["--dim", "1"], "--dim must be >= 2 and --rounds >= 1 (got 1, 100)"),
+    (["--quick", "--batch-sizes", "4096"], "no batch size left to time"),
+])
+def test_bench_losses_refuses_bad_sizes_before_any_timing(args, message, capsys):
+  from experiments import bench_losses  # noqa: PLC0415
+  with pytest.raises(SystemExit) as exit_info:
+    bench_losses.main(args)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].endswith(message) or message in err[-1]
 
 
 @pytest.mark.parametrize("kind, spec", [
