@@ -16,8 +16,11 @@ fashion_mnist or npz data a run, its final report included, is TF-free.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -426,6 +429,32 @@ def load_pretraining_split(config) -> tuple:
   return data, len(data.images)
 
 
+@contextlib.contextmanager
+def _sole_run(workdir):
+  """One training run per workdir at a time: a second one (a job launched twice, a
+  restart while the old process lives) would interleave its checkpoints and logs with
+  the first's. An flock held by process 0, so a killed run leaves no stale lock; local
+  paths only (gs:// has no locks), and unguarded where the filesystem has none."""
+  if jax.process_index() != 0 or "://" in str(workdir):
+    yield
+    return
+  import fcntl  # noqa: PLC0415 (POSIX; the lock is this function's business)
+  with open(os.path.join(str(workdir), ".lock"), "a+") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      raise config_lib.ConfigError(f"workdir={str(workdir)!r} is in use by another training run "
+                                   f"({lock.read().strip() or 'its process is unknown'}); wait for it to end or "
+                                   "pass another --workdir") from None
+    except OSError:
+      pass  # no locks on this filesystem
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    lock.flush()
+    yield
+
+
 def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = None) -> dict:
   """Pretrains per `config` into `workdir`, resuming from its latest checkpoint.
 
@@ -433,9 +462,14 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   preemption would (tests and time-sliced jobs). Returns a summary dict: the
   final report when final_eval ran, else {"step": ..., "status": ...}.
   """
+  workdir = config_lib.check_workdir(workdir)
+  with _sole_run(workdir):
+    return _train_and_evaluate(config, workdir, stop_at_step)
+
+
+def _train_and_evaluate(config, workdir, stop_at_step: Optional[int]) -> dict:
   # TensorFlow stays out unless the config needs it: tf.data augmentation, a
   # streamed dataset, or a source that TF decodes (tfds names, image folders).
-  workdir = config_lib.check_workdir(workdir)
   mesh = make_mesh()
   config_lib.validate(config, jax.device_count())
   is_chief = jax.process_index() == 0

@@ -280,6 +280,10 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path, stop
   deadline = time.time() + 180
   while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
     time.sleep(0.5)
+  if stop == signal.SIGTERM:  # while it trains, a second run in its workdir is refused at once
+    second = _main(SMOKE, f"--workdir={workdir}", DEVICE_VIEWS)
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert f"is in use by another training run (pid {proc.pid} on " in second.stderr.strip().splitlines()[-1]
   proc.send_signal(stop)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err
