@@ -17,6 +17,9 @@ for the whole write; splitting only pays when a slice is megabytes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 from typing import Any, Callable, Optional, Tuple
 
 import jax
@@ -89,7 +92,24 @@ class Checkpointer:
     """Starts saving `state` as `step` (returns before the write ends when async)."""
     if step in self._manager.all_steps():
       return  # Already saved (e.g. the final step equals a periodic one).
-    self._manager.save(int(step), args=ocp.args.PyTreeSave(state), force=True)
+    with self._writes():  # an earlier asynchronous save's failure surfaces here too
+      self._manager.save(int(step), args=ocp.args.PyTreeSave(state), force=True)
+
+  @contextlib.contextmanager
+  def _writes(self):
+    """A failed write (a full disk, lost permissions) is one line naming what survives:
+    orbax finishes a step's directory only after its last byte, so the saved steps
+    are whole and a rerun resumes from the newest."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - orbax reports write failures as many types.
+      # The OS's words where orbax quotes them (its messages run to several paths).
+      known = [os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)]
+      reason = next((w for w in known if w in str(e)), None) or (str(e).strip() or type(e).__name__)[:200]
+      saved = self._manager.all_steps()
+      raise CheckpointError(
+          f"could not write a checkpoint in {self.directory} ({reason}); free space there or pass another "
+          f"--workdir, then rerun: it resumes from {'step %d' % max(saved) if saved else 'the start'}") from None
 
   def restore_latest(self, like, at_most: Optional[int] = None) -> Tuple[Any, Optional[int]]:
     """(state, step) from the newest readable checkpoint (<= at_most), or (None, None) if none exist."""
@@ -161,9 +181,12 @@ class Checkpointer:
     self._manager = self._open()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._writes():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    if not self._read_only:
-      self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      if not self._read_only:
+        self.wait()
+    finally:
+      self._manager.close()
