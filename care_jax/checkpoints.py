@@ -58,6 +58,14 @@ def _shapes(tree) -> dict:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _reason(e: Exception) -> str:
+  """An exception in a few words: the OS's, where orbax quotes them (its messages run to
+  several paths), else its first line, else its type."""
+  text = str(e).strip()
+  known = (os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES))
+  return next((w for w in known if w in text), None) or (text.splitlines()[0][:200] if text else type(e).__name__)
+
+
 def abstract_like(state):
   """ShapeDtypeStructs with the shardings of `state`: what restore fills in."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -103,12 +111,9 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # noqa: BLE001 - orbax reports write failures as many types.
-      # The OS's words where orbax quotes them (its messages run to several paths).
-      known = [os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)]
-      reason = next((w for w in known if w in str(e)), None) or (str(e).strip() or type(e).__name__)[:200]
       saved = self._manager.all_steps()
       raise CheckpointError(
-          f"could not write a checkpoint in {self.directory} ({reason}); free space there or pass another "
+          f"could not write a checkpoint in {self.directory} ({_reason(e)}); free space there or pass another "
           f"--workdir, then rerun: it resumes from {'step %d' % max(saved) if saved else 'the start'}") from None
 
   def restore_latest(self, like, at_most: Optional[int] = None) -> Tuple[Any, Optional[int]]:
@@ -116,17 +121,18 @@ class Checkpointer:
     steps = [s for s in self.all_steps() if at_most is None or s <= at_most]
     abstract = abstract_like(like)
     restore = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+    wanted = _shapes(like)
     for step in reversed(steps):
       # Readable, but not this config's train state (another width, say): not damage,
       # so nothing may be moved aside. The saved shapes tell before any array is read.
-      difference = self._difference_from(step, like)
+      difference = self._difference_from(step, wanted)
       if difference:
         raise self._different_state(step, difference)
       try:
         state = self._manager.restore(step, args=restore)
         return state, step
       except Exception as e:  # noqa: BLE001 - any unreadable file means: use the previous one.
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        reason = _reason(e)
         if _STRUCTURE_MISMATCH in str(e):
           raise self._different_state(step, "another tree of arrays") from None
         if self._read_only:
@@ -140,14 +146,14 @@ class Checkpointer:
                             f"move the directory away to start afresh")
     return None, None
 
-  def _difference_from(self, step: int, like) -> Optional[str]:
-    """The first array whose saved path or shape differs from `like`'s; None if all
-    agree or the metadata cannot be read (then the restore itself decides)."""
+  def _difference_from(self, step: int, wanted: dict) -> Optional[str]:
+    """The first array whose saved path or shape differs from `wanted` (_shapes of the
+    state to restore); None if all agree or the metadata cannot be read (then the
+    restore itself decides)."""
     try:
       saved = _shapes(self._manager.item_metadata(step))
     except Exception:  # noqa: BLE001 - damaged metadata is for the restore to report.
       return None
-    wanted = _shapes(like)
     for path in sorted(set(saved) | set(wanted)):
       if path not in wanted:
         return f"{path}: saved, but not in this config's state"
