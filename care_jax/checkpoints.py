@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import sys
 from typing import Any, Callable, Optional, Tuple
 
 import jax
@@ -58,12 +60,57 @@ def _shapes(tree) -> dict:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+# The OS errors that fail a checkpoint write for want of room or rights; orbax quotes
+# them inside messages that run to several paths.
+_WRITE_ERRORS = tuple(os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES))
+
+
+def _os_words(text: str) -> Optional[str]:
+  return next((w for w in _WRITE_ERRORS if w in text), None)
+
+
 def _reason(e: Exception) -> str:
-  """An exception in a few words: the OS's, where orbax quotes them (its messages run to
-  several paths), else its first line, else its type."""
+  """An exception in a few words: the OS's, where orbax quotes them, else its first line,
+  else its type."""
   text = str(e).strip()
-  known = (os.strerror(n) for n in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES))
-  return next((w for w in known if w in text), None) or (text.splitlines()[0][:200] if text else type(e).__name__)
+  return _os_words(text) or (text.splitlines()[0][:200] if text else type(e).__name__)
+
+
+class _BackgroundWriteFailures(logging.Filter):
+  """Drops orbax's log records of a background write that failed on an OS error.
+
+  One full disk makes orbax log five tracebacks from its save threads, each a page
+  long, and then raise the same error in the main thread, where Checkpointer._writes
+  turns it into one line naming the error and the step a rerun resumes from. Any other
+  record passes."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return _os_words(f"{record.getMessage()} {error or ''}") is None
+
+
+def _is_late_callback_into_closed_loop(unraisable) -> bool:
+  """After a failed background write orbax closes the save thread's event loop while
+  tensorstore still holds callbacks into it: each one (twenty for one full disk) is
+  reported as an unraisable 'Event loop is closed' with no object, and means nothing more."""
+  return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == "Event loop is closed")
+
+
+_quieted = False
+
+
+def _quiet_background_write_failures() -> None:
+  """Installs the two filters above once per process (they pass everything else through)."""
+  global _quieted
+  if _quieted:
+    return
+  _quieted = True
+  logging.getLogger("absl").addFilter(_BackgroundWriteFailures())
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda u: None if _is_late_callback_into_closed_loop(u) else previous(u)
 
 
 def abstract_like(state):
@@ -81,6 +128,8 @@ class Checkpointer:
     self._async = async_save
     self._read_only = read_only
     self._log = log
+    if not read_only:
+      _quiet_background_write_failures()
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:

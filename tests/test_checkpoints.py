@@ -62,3 +62,86 @@ def test_a_failed_write_is_one_line_naming_the_os_error_and_the_step_a_rerun_res
                               "device); free space there or pass another --workdir, then rerun: it resumes from step 3")
     setattr(ckpt._manager, call, original)
   ckpt.close()
+
+
+# A checkpoint write that the OS refuses in orbax's background threads: here a
+# per-file size limit (RLIMIT_FSIZE, SIGXFSZ ignored, so write() fails with EFBIG),
+# which fails the same tensorstore writes a full disk does, without a small mount.
+_REFUSED_WRITE = """
+import resource, signal, sys
+import jax, jax.numpy as jnp
+from care_jax import checkpoints
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+ckpt = checkpoints.Checkpointer(sys.argv[1], keep=2)
+ckpt.save(1, {"small": jnp.ones(4), "big": jnp.ones((2, 512))})
+ckpt.wait()
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+try:
+  for step in (2, 3):  # the second save meets the first one's failure
+    big = jax.random.normal(jax.random.key(step), (512, 512))  # 1 MiB that does not compress
+    ckpt.save(step, {"small": jnp.ones(4), "big": big})
+  ckpt.close()
+except checkpoints.CheckpointError as e:
+  print(f"error: {e}")
+"""
+
+
+def test_a_write_refused_in_the_background_is_the_one_line_error_and_no_orbax_tracebacks(tmp_path):
+  import subprocess, sys  # noqa: E401, PLC0415
+  env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  result = subprocess.run([sys.executable, "-c", _REFUSED_WRITE, str(tmp_path / "checkpoints")], env=env,
+                          capture_output=True, text=True, timeout=120)
+  output = result.stdout + result.stderr
+  assert f"error: could not write a checkpoint in {tmp_path / 'checkpoints'} (File too large);" in result.stdout
+  assert "it resumes from step 1" in result.stdout
+  # orbax logs each failed save thread with a page of traceback (four here, five for a
+  # full disk): the error above says it once.
+  assert "Traceback" not in output and "OUT_OF_RANGE" not in output, output[-3000:]
+
+
+# What orbax leaves after a failed write, made directly: a tensorstore future awaited
+# on an event loop that is closed before the future completes. Its completion
+# callback then fails in tensorstore's thread; Python reports that as unraisable.
+_LATE_CALLBACK = """
+import asyncio, sys
+import tensorstore as ts
+if sys.argv[1] != "-":
+  from care_jax import checkpoints
+  checkpoints.Checkpointer(sys.argv[1], keep=1).close()
+promise, future = ts.Promise.new()
+loop = asyncio.new_event_loop()
+async def wait():
+  await future
+task = loop.create_task(wait())
+loop.run_until_complete(asyncio.sleep(0.01))
+loop.close()
+promise.set_result(1)
+class Unrelated:
+  def __del__(self):
+    raise RuntimeError("something else")
+Unrelated()
+"""
+
+
+def test_only_late_callbacks_into_a_closed_event_loop_are_silenced(tmp_path):
+  import subprocess, sys  # noqa: E401, PLC0415
+  run = lambda workdir: subprocess.run([sys.executable, "-c", _LATE_CALLBACK, workdir],  # noqa: E731
+                                       capture_output=True, text=True, timeout=120)
+  plain, quieted = run("-"), run(str(tmp_path / "checkpoints"))
+  assert "RuntimeError: Event loop is closed" in plain.stderr  # the case is made as it happens
+  assert "Event loop is closed" not in quieted.stderr, quieted.stderr
+  assert "RuntimeError: something else" in quieted.stderr  # every other unraisable is still reported
+
+
+def test_only_orbax_records_of_a_refused_write_are_dropped():
+  import logging  # noqa: PLC0415
+  keep = checkpoints._BackgroundWriteFailures().filter
+  record = lambda path, message, level=logging.ERROR, error=None: logging.LogRecord(  # noqa: E731
+      "absl", level, path, 1, message, None, (type(error), error, None) if error else None)
+  orbax = "/site-packages/orbax/checkpoint/_src/futures/future.py"
+  full = ValueError("RESOURCE_EXHAUSTED: ... Failed to write 9 bytes to file 4: No space left on device")
+  assert not keep(record(orbax, "_SignalingThread.run() raised an exception", error=full))
+  assert not keep(record(orbax, f"raised an exception: {full}"))
+  assert keep(record(orbax, "_SignalingThread.run() raised an exception", error=ValueError("bad dtype")))
+  assert keep(record(orbax, "No space left on device", level=logging.WARNING))
+  assert keep(record("/site-packages/care_jax/train.py", "No space left on device"))
