@@ -412,6 +412,12 @@ class Durations:
 
 def resolve_durations(config, num_train_examples: int) -> Durations:
   """num_train_steps > 0 wins over num_epochs; warm-up is given in epochs."""
+  if num_train_examples < config.batch_size:
+    # Every step's batch is cut from one epoch's permutation: a short split would
+    # give short batches, which no longer split into equiv_splits chunks.
+    raise ConfigError(f"train_split={config.train_split!r} of {config.dataset} holds {num_train_examples} "
+                      f"examples, fewer than one batch (batch_size={config.batch_size}); use a larger "
+                      f"--config.train_split or a --config.batch_size of at most {num_train_examples}")
   steps_per_epoch = max(1, num_train_examples // config.batch_size)
   if config.num_train_steps > 0:
     total = int(config.num_train_steps)

@@ -79,6 +79,10 @@ def _losses(workdir) -> dict:
     ("--config.momentum=1.0", "momentum=1.0 must be in [0, 1); set --config.momentum=0.9"),
     # Read before training, not after it (the evaluation splits once failed at the end).
     ("--config.test_split=validation", "fashion_mnist split must be 'train' or 'test'"),
+    # A split smaller than one batch gave short batches and an error deep in the loss.
+    ("--config.train_split=train[:24]", "train_split='train[:24]' of fashion_mnist holds 24 examples, fewer than "
+                                        "one batch (batch_size=32); use a larger --config.train_split or a "
+                                        "--config.batch_size of at most 24"),
 ])
 def test_bad_config_is_one_line_and_nonzero(tmp_path, override, expected):
   started = time.perf_counter()
