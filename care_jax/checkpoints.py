@@ -113,6 +113,18 @@ def _quiet_background_write_failures() -> None:
   sys.unraisablehook = lambda u: None if _is_late_callback_into_closed_loop(u) else previous(u)
 
 
+@contextlib.contextmanager
+def _absl_level(level: int):
+  """absl's Python logger (orbax logs through it) at `level` for the block."""
+  logger = logging.getLogger("absl")
+  previous = logger.level
+  logger.setLevel(level)
+  try:
+    yield
+  finally:
+    logger.setLevel(previous)
+
+
 def abstract_like(state):
   """ShapeDtypeStructs with the shardings of `state`: what restore fills in."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -133,11 +145,15 @@ class Checkpointer:
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=not self._read_only,
-                                           cleanup_tmp_directories=not self._read_only, read_only=self._read_only,
+    read_only = self._read_only
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else self._keep,
+                                           save_interval_steps=0 if read_only else 1, create=not read_only,
+                                           cleanup_tmp_directories=not read_only, read_only=read_only,
                                            enable_async_checkpointing=self._async)
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers())
-    return ocp.CheckpointManager(self.directory, options=options, item_handlers=handler)
+    # orbax warns that a read-only directory is read only: asked for, so not news.
+    with _absl_level(logging.ERROR) if read_only else contextlib.nullcontext():
+      return ocp.CheckpointManager(self.directory, options=options, item_handlers=handler)
 
   def all_steps(self):
     return sorted(self._manager.all_steps())

@@ -145,3 +145,20 @@ def test_only_orbax_records_of_a_refused_write_are_dropped():
   assert keep(record(orbax, "_SignalingThread.run() raised an exception", error=ValueError("bad dtype")))
   assert keep(record(orbax, "No space left on device", level=logging.WARNING))
   assert keep(record("/site-packages/care_jax/train.py", "No space left on device"))
+
+
+def test_a_read_only_checkpointer_opens_without_orbax_warnings_and_reads(tmp_path, caplog):
+  # The evaluation CLI opens a run's checkpoints read-only; orbax warned three times
+  # that it was so, on every evaluation.
+  import logging  # noqa: PLC0415
+  state = _replicated_state(big_rows=8)
+  writer = checkpoints.Checkpointer(tmp_path / "checkpoints", keep=2)
+  writer.save(3, state)
+  writer.close()
+  caplog.set_level(logging.INFO, logger="absl")
+  reader = checkpoints.Checkpointer(tmp_path / "checkpoints", keep=2, read_only=True)
+  restored, step = reader.restore_latest(state)
+  reader.close()
+  assert step == 3 and np.array_equal(restored["kernel"], state["kernel"])
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
+  assert logging.getLogger("absl").level == logging.INFO  # the level is the caller's again
