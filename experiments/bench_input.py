@@ -22,6 +22,8 @@ import tensorflow as tf
 
 from care_jax import augment, input_pipeline as ip
 
+_NUM_IMAGES = 8192  # the random source images the batches are drawn from
+
 
 def _crop_flip_pipeline(images, cfg, *, batch, num_steps):
   """The baseline: pretraining_dataset's structure (per-step stateless shuffle and gather, four
@@ -63,10 +65,16 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--size", type=int, default=32)
   args = parser.parse_args(argv)
+  if args.batch < 16 or args.batch % 16 or args.batch > _NUM_IMAGES:
+    parser.error(f"--batch must be a multiple of 16 (L_equi's chunk) from 16 to {_NUM_IMAGES}, got {args.batch}")
+  if args.size < 8:
+    parser.error(f"--size must be >= 8 pixels (the blur kernel and crops need room), got {args.size}")
+  if args.steps < 1 or args.rounds < 1:
+    parser.error(f"--steps and --rounds must be >= 1 (got {args.steps}, {args.rounds})")
   cores = os.cpu_count() or 1
   rng = np.random.default_rng(0)
-  data = ip.ArrayDataset(rng.integers(0, 256, (8192, args.size, args.size, 3), dtype=np.uint8),
-                         np.zeros(8192, np.int32), 10)
+  data = ip.ArrayDataset(rng.integers(0, 256, (_NUM_IMAGES, args.size, args.size, 3), dtype=np.uint8),
+                         np.zeros(_NUM_IMAGES, np.int32), 10)
   cfg = augment.AugmentConfig(image_size=args.size)
   kw = dict(seed=0, global_batch=args.batch, num_chunks=args.batch // 16, aug=cfg, num_steps=args.steps + 3)
   rates = {"full": [], "base": []}

@@ -114,6 +114,21 @@ def test_bench_losses_refuses_bad_sizes_before_any_timing(args, message, capsys)
   assert err[-1].endswith(message) or message in err[-1]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "--batch must be a multiple of 16 (L_equi's chunk) from 16 to 8192, got 0"),
+    (["--batch", "24"], "--batch must be a multiple of 16 (L_equi's chunk) from 16 to 8192, got 24"),
+    (["--size", "4"], "--size must be >= 8 pixels (the blur kernel and crops need room), got 4"),
+    (["--steps", "0"], "--steps and --rounds must be >= 1 (got 0, 3)"),
+])
+def test_bench_input_refuses_bad_sizes_before_any_timing(args, message, capsys):
+  # These were a ZeroDivisionError or a TensorFlow traceback from inside the pipeline.
+  from experiments import bench_input  # noqa: PLC0415
+  with pytest.raises(SystemExit) as exit_info:
+    bench_input.main(args)
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
 @pytest.mark.parametrize("kind, spec", [
     ("NVIDIA H200", (989e12, 4.8e12)), ("NVIDIA H100 80GB HBM3", (989e12, 3.35e12)),
     ("NVIDIA H100 PCIe", (756e12, 2.0e12)), ("NVIDIA H100 NVL", (835e12, 3.9e12)),
