@@ -89,6 +89,15 @@ def _config(model: str, width: float, batch: int, dtype: str, augment: str, view
   return c
 
 
+def check_rows(program: str, rows, width: float) -> None:
+  """Every row as a config before any is timed or traced: a bad one (or width) ends the run with one line."""
+  for row in rows:
+    try:
+      _config(row[0], width, *row[1:])
+    except config_lib.ConfigError as err:
+      raise SystemExit(f"{program}: row {':'.join(map(str, row))}: {err}") from None
+
+
 def input_structs(config, mesh) -> dict:
   """A row's batch as ShapeDtypeStructs: uint8 images for on-device augmentation, else the four float32 views."""
   sharding = NamedSharding(mesh, P("data"))
@@ -279,11 +288,7 @@ def main(argv=None):
   else:
     rows = [(m, b, d, a, v) for m in models for b in batch_sizes
             for d in dtypes for a in args.augment for v in view_modes]
-  for model, batch, dtype, augment, views in rows:  # a bad row stops here, before minutes of reference timing
-    try:
-      _config(model, width, batch, dtype, augment, views)
-    except config_lib.ConfigError as err:
-      raise SystemExit(f"bench_train_step: row {model}:{batch}:{dtype}:{augment}:{views}: {err}") from None
+  check_rows("bench_train_step", rows, width)  # before minutes of reference timing
   torch = None if args.no_torch else torch_reference.torch_module()
 
   dev = jax.devices()[0]

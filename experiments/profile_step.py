@@ -181,6 +181,7 @@ def main(argv=None):
   if args.steps < 1:
     raise SystemExit(f"--steps={args.steps}: trace at least one step")
   rows = [bench_train_step._parse_row(r) for r in args.rows]
+  bench_train_step.check_rows("profile_step", rows, args.width)  # before any row compiles
   device = jax.devices()[0]
   print(f"# CARE train step traced with jax.profiler: {args.steps} step(s) per row after 2 warm-up steps, "
         f"width {args.width:g}; jax {jax.__version__} on {jax.device_count()} x {device.device_kind}")

@@ -5,6 +5,8 @@ trace in the Chrome format jax's profiler writes (device processes, derived
 lines, host events); the CPU run checks the accounting on a real trace.
 """
 
+import pytest
+
 from experiments import profile_step
 from tests.test_train import _one_step_sgd_config
 
@@ -74,3 +76,15 @@ def test_a_failing_row_is_named_the_next_still_runs_and_the_exit_status_is_1(mon
   assert rows["resnet18:48:float32:views:sequential"] == ["out", "of", "device", "memory"]
   assert rows["resnet18:64:float32:views:sequential"] == ["2.00", "1.00", "50.0", "3"]
   assert err.count("Traceback (most recent call last)") == 1
+
+
+def test_a_bad_row_or_width_stops_before_any_row_compiles(monkeypatch):
+  calls = []
+  monkeypatch.setattr(profile_step, "profile_config", lambda *args: calls.append(args))
+  with pytest.raises(SystemExit) as exit_info:
+    profile_step.main(["--width", "0", "--rows", "resnet18:32:float32:views"])
+  assert exit_info.value.code.startswith("profile_step: row resnet18:32:float32:views:sequential: model_width=0.0: ")
+  with pytest.raises(SystemExit) as exit_info:
+    profile_step.main(["--rows", "resnet18:32:float32:views", "resnet18:30:float32:views"])
+  assert "row resnet18:30:float32:views:sequential: batch_size=30 is not divisible" in exit_info.value.code
+  assert calls == []  # not even the good first row
