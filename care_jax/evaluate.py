@@ -811,9 +811,20 @@ class RunEvaluator:
 
 # ------------------------------------------------------------------ command line
 
+def evaluation_dir(workdir, step: int, overrides: dict | None = None):
+  """Where evaluate_workdir writes: workdir/evaluations/step_<N>[_<field>=<value>,...].
+
+  Never workdir/report.json, the training run's final report: re-evaluating an
+  older step, or with other probe settings, must not replace it, and a report
+  there is what tells experiments/paper_runs.py that a run has finished."""
+  tag = ",".join(f"{k}={v}" for k, v in sorted((overrides or {}).items()))
+  return workdir / "evaluations" / (f"step_{step}" + (f"_{tag}" if tag else ""))
+
+
 def evaluate_workdir(workdir: str, step: int | None = None, overrides: dict | None = None,
                      log: Callable[[str], None] = print) -> dict:
-  """Restores a run's latest (or <= step) checkpoint read-only and writes report.json + figures."""
+  """Restores a run's latest (or <= step) checkpoint read-only and writes its report and
+  figures into evaluation_dir(workdir, that step, overrides)."""
   from etils import epath  # noqa: PLC0415
 
   from care_jax import checkpoints, config_lib, train  # noqa: PLC0415
@@ -838,12 +849,16 @@ def evaluate_workdir(workdir: str, step: int | None = None, overrides: dict | No
                                  f"its saved steps are {', '.join(map(str, saved))}")
   if state is None:
     raise config_lib.ConfigError(f"workdir={str(workdir)!r} has no checkpoint yet; wait for the first save")
-  log(f"evaluating {workdir / 'checkpoints' / str(restored_step)}")
+  newest = "" if step is None or restored_step == step else f" (the newest at or before --step={step})"
+  log(f"evaluating {workdir / 'checkpoints' / str(restored_step)}{newest}")
   evaluator = RunEvaluator(config, model, mesh, log=log, cache_dir=workdir / "features")
   baseline = train.random_init_variables(model, config, mesh) if config.random_init_baseline else None
   report = evaluator.report(train.variables_of(state), restored_step, baseline)
   report["step"] = int(restored_step)
-  write_report(workdir, report)
+  report["overrides"] = dict(overrides or {})
+  out_dir = evaluation_dir(workdir, int(restored_step), overrides)
+  write_report(workdir, report, out_dir)
+  log(f"report: {out_dir / 'report.json'}")
   return report
 
 
@@ -856,21 +871,26 @@ def summary_line(report: dict) -> str:
   return line
 
 
-def write_report(workdir, report: dict) -> None:
-  """workdir/report.json and the PNG figures (process 0 only)."""
+def write_report(workdir, report: dict, out_dir=None) -> None:
+  """report.json and the PNG figures into out_dir (default: workdir; process 0 only)."""
   from etils import epath  # noqa: PLC0415
 
   from care_jax import plots  # noqa: PLC0415
   if jax.process_index() == 0:
-    (epath.Path(workdir) / "report.json").write_text(json.dumps(report, indent=2))
-    plots.write_plots(workdir, report)
+    out_dir = epath.Path(workdir if out_dir is None else out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    plots.write_plots(workdir, report, out_dir)
 
 
 def main(argv) -> None:
   from absl import flags, logging  # noqa: PLC0415
 
   from care_jax import config_lib  # noqa: PLC0415
-  del argv
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}; use --workdir=..., --step=N and the override flags "
+          "(--helpshort lists them)", file=sys.stderr)
+    sys.exit(2)
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   overrides = {k: getattr(f, k) for k in ("linear_probe_seeds", "linear_probe_protocol", "linear_probe_epochs",
@@ -880,7 +900,10 @@ def main(argv) -> None:
   try:
     report = evaluate_workdir(f.workdir, f.step, overrides, log=lambda m: print(m, file=sys.stderr, flush=True))
   except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
+    message = str(e)
+    for key in overrides:  # the fix is this command's flag, not the trainer's --config.<field>
+      message = message.replace(f"--config.{key}=", f"--{key}=")
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
   print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}, indent=1))
 

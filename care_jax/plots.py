@@ -37,12 +37,14 @@ def read_metrics(workdir) -> list:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_plots(workdir, report: dict) -> list:
-  """Writes loss_curves.png and wahba_errors.png into workdir; returns their paths."""
+def write_plots(workdir, report: dict, out_dir=None) -> list:
+  """Writes loss_curves.png (from workdir's metrics) and wahba_errors.png into out_dir
+  (default: workdir); returns their paths."""
   plt = _pyplot()
   if plt is None:
     return []
   workdir = epath.Path(workdir)
+  out_dir = workdir if out_dir is None else epath.Path(out_dir)
   written = []
   rows = [r for r in read_metrics(workdir) if "loss" in r and isinstance(r["loss"], (int, float))]
   if rows:
@@ -59,9 +61,9 @@ def write_plots(workdir, report: dict) -> list:
       axes[1].set_yscale("log" if min(r["equivariance"] for r in rows) > 0 else "linear")
     axes[1].set_xlabel("step")
     axes[1].set_title("equivariance loss L_equi")
-    _save(fig, workdir / "loss_curves.png")
+    _save(fig, out_dir / "loss_curves.png")
     plt.close(fig)
-    written.append(workdir / "loss_curves.png")
+    written.append(out_dir / "loss_curves.png")
   trials = report.get("wahba_trials") or []
   if trials:
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -72,7 +74,7 @@ def write_plots(workdir, report: dict) -> list:
     ax.set_ylabel("Wahba error  min_R ||R F - F_a||_F")
     ax.set_title(f"Wahba error per augmentation ({report['wahba_examples']} test images each)")
     ax.legend()
-    _save(fig, workdir / "wahba_errors.png")
+    _save(fig, out_dir / "wahba_errors.png")
     plt.close(fig)
-    written.append(workdir / "wahba_errors.png")
+    written.append(out_dir / "wahba_errors.png")
   return written

@@ -111,6 +111,21 @@ def test_unwritable_workdir_is_one_line(tmp_path):
   assert "is not writable" in result.stderr.strip().splitlines()[-1]
 
 
+def test_the_evaluation_cli_refuses_bad_input_with_one_line_naming_its_own_flag(tmp_path):
+  (tmp_path / "config.json").write_text(_smoke_config().to_json_best_effort())
+  evaluate_cli = lambda *args: subprocess.run([sys.executable, "-m", "care_jax.evaluate", f"--workdir={tmp_path}",
+                                               *args], env=_env(), cwd=ROOT, capture_output=True, text=True,
+                                              timeout=120)
+  bad = evaluate_cli("--linear_probe_epochs=-1")
+  assert bad.returncode == 1 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1] == (
+      "error: linear_probe_epochs=-1 must be a number >= 0; set --linear_probe_epochs=<value >= 0>")
+  extra = evaluate_cli("runs/other")  # a second workdir typed without its flag was ignored
+  assert extra.returncode == 2 and extra.stderr.strip().splitlines()[-1].startswith(
+      "error: unexpected arguments ['runs/other']")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
 def test_validate_accepts_every_shipped_config():
   for path in sorted((ROOT / "configs").glob("*.py")):
     config = config_lib.load_config_file(path)
@@ -376,8 +391,15 @@ def test_smoke_run_without_tensorflow_writes_report_metrics_tensorboard_and_plot
   assert sorted(p.name for p in (workdir / "features" / "step_4").iterdir()) == ["test__1024_-0.npz", "train__2048_-0.npz"]
   # A relative --workdir, as a user types it (orbax itself only takes absolute paths).
   monkeypatch.chdir(workdir.parent)
+  final_report = (workdir / "report.json").read_bytes()
   again = evaluate.evaluate_workdir(workdir.name, overrides={"linear_probe_seeds": 2})
-  assert again["step"] == 4
+  assert again["step"] == 4 and again["overrides"] == {"linear_probe_seeds": 2}
+  # Its report goes beside the run's, never over the final report (which paper_runs reads as "finished").
+  assert (workdir / "report.json").read_bytes() == final_report
+  out = workdir / "evaluations" / "step_4_linear_probe_seeds=2"
+  assert json.loads((out / "report.json").read_text())["linear_probe"]["seeds"] == [0, 1]
+  assert (out / "wahba_errors.png").read_bytes()[:4] == b"\x89PNG"
+  assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"  # from the run's metrics.jsonl
   for key in ("knn_top1", "wahba_error_mean", "relative_equivariance", "composition_error_mean"):
     assert again[key] == pytest.approx(saved[key], rel=1e-5)
   assert again["linear_probe"]["seeds"] == [0, 1] and len(again["linear_probe"]["top1_per_seed"]) == 2
