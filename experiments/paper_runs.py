@@ -10,7 +10,9 @@ A variant is (objective, equiv_weight) on top of a scale's base config:
 Runs land in <results>/runs/<scale>/<variant>/ (paper: runs/paper/<dataset>/;
 --results, default experiments/results); a run whose report.json exists is
 reused, so fig3 and fig4 share their CARE and SimCLR runs, and an interrupted
-script resumes from the runs' checkpoints.
+script resumes from the runs' checkpoints. A run folder whose config.json
+differs from the variant's config (data_dir aside) stops the script with one
+line: its report would stand in a figure for settings it was not trained with.
 """
 
 from __future__ import annotations
@@ -94,17 +96,37 @@ def run_variant(scale: str, variant: str, *, seed: int = 0, data_dir: str = "", 
   from care_jax import train  # noqa: PLC0415
   name = variant if equiv_weight is None else f"{variant}-w{equiv_weight:g}"
   workdir = runs_dir(scale, dataset, results) / f"{name}-seed{seed}"
-  report_path = workdir / "report.json"
-  if report_path.exists():
-    print(f"reusing {report_path}", file=sys.stderr)
-    return json.loads(report_path.read_text())
   overrides = {"data_dir": data_dir} if data_dir else {}
   if equiv_weight is not None:
     overrides["equiv_weight"] = equiv_weight
   config = variant_config(scale, variant, seed, dataset, **overrides)
+  _check_same_settings(workdir, config)
+  report_path = workdir / "report.json"
+  if report_path.exists():
+    print(f"reusing {report_path}", file=sys.stderr)
+    return json.loads(report_path.read_text())
   config_lib.validate(config, _device_count())
   print(f"pretraining {variant} ({scale}) into {workdir}", file=sys.stderr)
   return train.train_and_evaluate(config, str(workdir))
+
+
+# Where the data lives, not what was trained: a run may be reused from another mount.
+_LOCATION_FIELDS = ("data_dir", "download")
+
+
+def _check_same_settings(workdir: pathlib.Path, config) -> None:
+  """A run folder from other settings (an older scale definition, another --equi_unif_weights
+  spelling) is neither reused nor resumed: its report would stand in the figure for this one."""
+  saved_path = workdir / "config.json"
+  if not saved_path.exists():
+    return
+  saved, wanted = json.loads(saved_path.read_text()), json.loads(config.to_json_best_effort())
+  differ = [f"{k}={saved.get(k)!r} there, {wanted[k]!r} here" for k in wanted
+            if k not in _LOCATION_FIELDS and saved.get(k, wanted[k]) != wanted[k]]
+  if differ:
+    raise config_lib.ConfigError(f"{workdir} holds a run with other settings ({'; '.join(differ[:3])}"
+                                 f"{'; ...' if len(differ) > 3 else ''}); delete that folder to retrain it, or "
+                                 "pass another --results")
 
 
 def random_init_report(scale: str, data_dir: str = "", results=RESULTS, seed: int = 0,

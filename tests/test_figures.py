@@ -145,3 +145,21 @@ def test_paper_scale_moco_pair_reuses_finished_runs_and_stores_the_papers_number
   out = tmp_path / "fig4_linear_probe" / "paper-imagenet100_moco"
   assert json.loads((out / "fig4_linear_probe.json").read_text())["scale"] == "paper"
   assert (out / "fig4_linear_probe.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_folder_from_other_settings_is_neither_reused_nor_resumed(tmp_path, capsys):
+  from care_jax import config_lib
+  from experiments import paper_runs
+  workdir = paper_runs.runs_dir("smoke", "cifar10", tmp_path) / "care-seed0"
+  workdir.mkdir(parents=True)
+  (workdir / "report.json").write_text(json.dumps(_finished_report(40.0, [1.0, 2.0, 3.0])))
+  trained = paper_runs.variant_config("smoke", "care", data_dir="/old/mount")
+  (workdir / "config.json").write_text(trained.to_json_best_effort())
+  # The same settings with the data elsewhere: reused.
+  assert paper_runs.run_variant("smoke", "care", results=tmp_path)["linear_probe_top1"] == 40.0
+  assert "reusing" in capsys.readouterr().err
+  trained.num_train_steps, trained.equiv_weight = 7, 0.5  # e.g. an older scale definition
+  (workdir / "config.json").write_text(trained.to_json_best_effort())
+  with pytest.raises(config_lib.ConfigError, match=r"care-seed0 holds a run with other settings \("
+                     r"equiv_weight=0\.5 there, 0\.03 here; num_train_steps=7 there, 2 here\); delete that folder"):
+    paper_runs.run_variant("smoke", "care", results=tmp_path)
