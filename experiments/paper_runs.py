@@ -100,7 +100,8 @@ def run_variant(scale: str, variant: str, *, seed: int = 0, data_dir: str = "", 
   if equiv_weight is not None:
     overrides["equiv_weight"] = equiv_weight
   config = variant_config(scale, variant, seed, dataset, **overrides)
-  _check_same_settings(workdir, config)
+  saved = workdir / "config.json"
+  _check_same_settings(workdir, json.loads(saved.read_text()) if saved.exists() else None, config)
   report_path = workdir / "report.json"
   if report_path.exists():
     print(f"reusing {report_path}", file=sys.stderr)
@@ -114,18 +115,17 @@ def run_variant(scale: str, variant: str, *, seed: int = 0, data_dir: str = "", 
 _LOCATION_FIELDS = ("data_dir", "download")
 
 
-def _check_same_settings(workdir: pathlib.Path, config) -> None:
-  """A run folder from other settings (an older scale definition, another --equi_unif_weights
-  spelling) is neither reused nor resumed: its report would stand in the figure for this one."""
-  saved_path = workdir / "config.json"
-  if not saved_path.exists():
+def _check_same_settings(where: pathlib.Path, saved: dict | None, config) -> None:
+  """A run (or random-init report) from other settings, an older scale definition say, is
+  neither reused nor resumed: its report would stand in the figure for this config's."""
+  if saved is None:
     return
-  saved, wanted = json.loads(saved_path.read_text()), json.loads(config.to_json_best_effort())
+  wanted = json.loads(config.to_json_best_effort())
   differ = [f"{k}={saved.get(k)!r} there, {wanted[k]!r} here" for k in wanted
             if k not in _LOCATION_FIELDS and saved.get(k, wanted[k]) != wanted[k]]
   if differ:
-    raise config_lib.ConfigError(f"{workdir} holds a run with other settings ({'; '.join(differ[:3])}"
-                                 f"{'; ...' if len(differ) > 3 else ''}); delete that folder to retrain it, or "
+    raise config_lib.ConfigError(f"{where} holds a run with other settings ({'; '.join(differ[:3])}"
+                                 f"{'; ...' if len(differ) > 3 else ''}); delete it to retrain, or "
                                  "pass another --results")
 
 
@@ -136,10 +136,12 @@ def random_init_report(scale: str, data_dir: str = "", results=RESULTS, seed: in
 
   from care_jax import evaluate, train  # noqa: PLC0415
   path = runs_dir(scale, dataset, results) / ("random_init.json" if seed == 0 else f"random_init-seed{seed}.json")
-  if path.exists():
-    return json.loads(path.read_text())
   config = variant_config(scale, compared_variants(scale, dataset)[1], seed, dataset,
                           **({"data_dir": data_dir} if data_dir else {}))
+  if path.exists():
+    result = json.loads(path.read_text())
+    _check_same_settings(path, result.get("config"), config)
+    return result
   config_lib.validate(config, _device_count())
   mesh = train.make_mesh()
   model = train.build_model(config)
@@ -148,7 +150,8 @@ def random_init_report(scale: str, data_dir: str = "", results=RESULTS, seed: in
   knn = evaluator.knn(variables, "random_init")
   probe = evaluator.linear_probe(variables, "random_init", config.linear_probe_seeds)
   result = {"knn_top1": knn["top1"], "linear_probe_top1": probe["top1"], "std": probe["top1_std"],
-            "linear_probe": probe, "devices": jax.device_count(), "seed": seed}
+            "linear_probe": probe, "devices": jax.device_count(), "seed": seed,
+            "config": json.loads(config.to_json_best_effort())}
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=2))
   return result

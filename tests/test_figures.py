@@ -161,5 +161,12 @@ def test_a_run_folder_from_other_settings_is_neither_reused_nor_resumed(tmp_path
   trained.num_train_steps, trained.equiv_weight = 7, 0.5  # e.g. an older scale definition
   (workdir / "config.json").write_text(trained.to_json_best_effort())
   with pytest.raises(config_lib.ConfigError, match=r"care-seed0 holds a run with other settings \("
-                     r"equiv_weight=0\.5 there, 0\.03 here; num_train_steps=7 there, 2 here\); delete that folder"):
+                     r"equiv_weight=0\.5 there, 0\.03 here; num_train_steps=7 there, 2 here\); delete it"):
     paper_runs.run_variant("smoke", "care", results=tmp_path)
+  # The random-init report records its config and is checked the same way.
+  stale = paper_runs.variant_config("smoke", "care", model_width=0.5)
+  (workdir.parent / "random_init.json").write_text(json.dumps({"knn_top1": 30.0,
+                                                                "config": json.loads(stale.to_json_best_effort())}))
+  with pytest.raises(config_lib.ConfigError, match=r"random_init\.json holds a run with other settings \("
+                     r"model_width=0\.5 there, 0\.0625 here\)"):
+    paper_runs.random_init_report("smoke", results=tmp_path)
