@@ -175,6 +175,8 @@ def parse_args(description: str, argv=None, extra=None):
   if extra is not None:
     extra(parser)
   args = parser.parse_args(argv)
+  if args.pretrain_seeds < 1:
+    parser.error(f"--pretrain_seeds must be >= 1 (pretraining runs per variant), got {args.pretrain_seeds}")
   if args.paper_dataset is not None and args.scale != "paper":
     parser.error(f"--paper_dataset={args.paper_dataset} needs --scale=paper (got --scale={args.scale})")
   args.paper_dataset = args.paper_dataset or "cifar10"
@@ -197,15 +199,14 @@ def main_guard(main):
     try:
       return main(argv)
     except (config_lib.ConfigError, checkpoints.CheckpointError, train.TrainingDivergedError) as e:
-      print(f"error: {e}", file=sys.stderr)
+      # The data's fix is this script's --data_dir, not the trainer's --config.data_dir.
+      print(f"error: {str(e).replace('--config.data_dir=', '--data_dir=')}", file=sys.stderr)
       sys.exit(1)
   return guarded
 
 
 def run_seeds(args, variant: str) -> list:
   """Reports of `variant` pretrained with seeds 0..args.pretrain_seeds-1 (finished runs reused)."""
-  if args.pretrain_seeds < 1:
-    raise ValueError(f"--pretrain_seeds must be >= 1, got {args.pretrain_seeds}")
   return [run_variant(args.scale, variant, seed=seed, data_dir=args.data_dir, results=args.results,
                       dataset=args.paper_dataset)
           for seed in range(args.pretrain_seeds)]

@@ -110,7 +110,9 @@ def test_paper_scale_runs_each_figure4_pair_with_its_release_config():
 
 @pytest.mark.parametrize("argv, message", [
     (["--scale=paper", "--paper_dataset=cifar100"], "'cifar100' is not prepared under"),
+    (["--scale=paper", "--paper_dataset=cifar100"], "and pass --data_dir=DIR"),  # this script's flag
     (["--scale=small", "--paper_dataset=stl10"], "--paper_dataset=stl10 needs --scale=paper"),
+    (["--scale=smoke", "--pretrain_seeds=0"], "--pretrain_seeds must be >= 1"),  # was a ZeroDivisionError
 ])
 def test_paper_scale_without_its_data_stops_in_seconds_with_one_line(tmp_path, capsys, argv, message):
   import time
