@@ -14,6 +14,7 @@ Writes experiments/results/fig2_ablation/{fig2_ablation.json,.png}.
 
 import json
 
+from care_jax import config_lib
 from experiments import paper_runs
 
 
@@ -23,6 +24,9 @@ def main(argv=None):
       "--equi_unif_weights", type=float, nargs="+", default=[1.0],
       help="L_equi weights of the L_equi + L_unif runs (a sweep: one bar each)"))
   paper_runs.require_simclr_pair(args, "fig2_ablation")
+  if min(args.equi_unif_weights) < 0:
+    raise config_lib.ConfigError(f"--equi_unif_weights {' '.join(f'{w:g}' for w in args.equi_unif_weights)}: "
+                                 "each L_equi weight must be >= 0")
   out = paper_runs.out_dir(args, "fig2_ablation")
   seeds = range(args.pretrain_seeds)
   runs = lambda v, w=None: paper_runs.summarize_runs([  # noqa: E731

@@ -117,13 +117,16 @@ def test_paper_scale_runs_each_figure4_pair_with_its_release_config():
 def test_paper_scale_without_its_data_stops_in_seconds_with_one_line(tmp_path, capsys, argv, message):
   import time
 
-  from experiments import fig3_wahba, fig4_linear_probe
+  from experiments import fig2_ablation, fig3_wahba, fig4_linear_probe
   start = time.perf_counter()
   with pytest.raises(SystemExit) as stop:
     fig4_linear_probe.main(argv + [f"--data_dir={tmp_path}", f"--results={tmp_path}"])
   assert stop.value.code != 0 and time.perf_counter() - start < 30
   err = capsys.readouterr().err.strip().splitlines()
   assert message in err[-1] and not list(tmp_path.glob("fig4_linear_probe/**/*.json"))
+  with pytest.raises(SystemExit):
+    fig2_ablation.main(["--scale=smoke", "--equi_unif_weights", "1", "-1", f"--results={tmp_path}"])
+  assert capsys.readouterr().err.strip() == "error: --equi_unif_weights 1 -1: each L_equi weight must be >= 0"
   with pytest.raises(SystemExit):  # the MoCo pair is fig4's only
     fig3_wahba.main(["--scale=paper", "--paper_dataset=imagenet100_moco", f"--results={tmp_path}"])
   assert "fig3_wahba compares SimCLR and CARE" in capsys.readouterr().err

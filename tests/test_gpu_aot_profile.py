@@ -8,6 +8,8 @@ kernels go to the part of the step their op_name names.
 
 import math
 
+import pytest
+
 from experiments import gpu_aot_profile as g
 
 HLO = """HloModule jit_train_step, is_scheduled=true
@@ -59,3 +61,12 @@ def test_bytes_flops_kinds_parts_and_syncs_match_closed_forms():
   assert len(p["syncs"]) == 1 and p["syncs"][0].startswith("conditional c")
   assert {part: n for part, (n, _) in p["parts"].items()} == {
       "model forward": 2, "model backward": 2, "loss forward": 1}
+
+
+def test_an_unknown_target_or_a_bad_row_is_one_line_before_anything_compiles(capsys):
+  with pytest.raises(SystemExit) as stop:
+    g.main(["--target", "h300"])  # was a FileNotFoundError traceback
+  assert stop.value.code == 2 and "argument --target: invalid choice: 'h300'" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as stop:
+    g.main(["--rows", "resnet18:30:bfloat16:views"])
+  assert stop.value.code.startswith("gpu_aot_profile: row resnet18:30:bfloat16:views:sequential: batch_size=30")
