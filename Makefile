@@ -33,7 +33,8 @@ test: $(STAMP) data
 
 # The main job: pretrain the quickstart model on Fashion-MNIST, evaluate it
 # (kNN, linear probe, Wahba / gamma_f) and write runs/quickstart/report.json and
-# PNG plots. Rerunning resumes from the last checkpoint; `make clean` starts over.
+# PNG plots. Rerunning resumes from the last checkpoint (a finished run prints its
+# report's line); `make clean` starts over.
 demo: $(STAMP) data
 	$(PY) -m care_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
 

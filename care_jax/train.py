@@ -492,10 +492,17 @@ def _train_and_evaluate(config, workdir, stop_at_step: Optional[int]) -> dict:
     evaluator.check_splits()  # before the checkpoint and config.json are touched
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, log=writer.note)
   restored, start_step = ckpt.restore_latest(state)
+  start_step = int(start_step or 0)
+  finished = _finished_report(workdir, config, start_step, durations.total_steps)
+  if finished is not None:
+    ckpt.close()
+    writer.note(f"already finished at step {start_step}: {workdir / 'report.json'}  {evaluate.summary_line(finished)}"
+                " (python -m care_jax.evaluate re-evaluates it; another --workdir trains afresh)")
+    writer.close()
+    return finished
   if restored is not None:
     state = restored
     writer.note(f"resumed from {ckpt.directory / str(start_step)} (step {start_step})")
-  start_step = int(start_step or 0)
   writer.truncate_after(start_step)
   if is_chief:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -606,6 +613,20 @@ def _train_and_evaluate(config, workdir, stop_at_step: Optional[int]) -> dict:
   writer.note(f"report: {workdir / 'report.json'}  {evaluate.summary_line(report)}")
   writer.close()
   return report
+
+
+def _finished_report(workdir, config, step: int, total_steps: int) -> Optional[dict]:
+  """The report of a run that already ended where this config ends, with this config: the
+  same command run again (a second `make demo`) then shows it instead of evaluating the
+  same checkpoint again (minutes). None otherwise: a changed config (more steps, other
+  evaluation settings) resumes or re-evaluates. One process only, where no other host
+  could read a different workdir."""
+  config_path, report_path = workdir / "config.json", workdir / "report.json"
+  if (jax.process_count() > 1 or step != total_steps or not config.final_eval or not report_path.exists()
+      or not config_path.exists() or config_path.read_text() != config.to_json_best_effort(indent=2)):
+    return None
+  report = json.loads(report_path.read_text())
+  return report if report.get("step") == step else None
 
 
 def _check_finite(step: int, metrics: dict, last_good_save) -> None:

@@ -362,11 +362,18 @@ def test_smoke_run_without_tensorflow_writes_report_metrics_tensorboard_and_plot
   workdir = tmp_path / "run"
   blocked = ("import sys, runpy; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None; "
              "sys.argv[0] = 'care_jax.main'; runpy.run_module('care_jax.main', run_name='__main__')")
-  run = subprocess.run([sys.executable, "-c", blocked, SMOKE, f"--workdir={workdir}", "--config.eval_every_steps=2",
-                        DEVICE_VIEWS],
-                       env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  command = [sys.executable, "-c", blocked, SMOKE, f"--workdir={workdir}", "--config.eval_every_steps=2", DEVICE_VIEWS]
+  run = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   saved = json.loads((workdir / "report.json").read_text())
+  # The same command again shows the finished run's report instead of evaluating it again.
+  finished = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file() and "tfevents" not in p.name and p.name != ".lock"}
+  again = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  lines = [l for l in again.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith(  # and no evaluation before it
+      f"already finished at step 4: {workdir / 'report.json'}  kNN top-1 {saved['knn_top1']:.2f}%"), again.stderr
+  assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file() and "tfevents" not in p.name and p.name != ".lock"} == finished
   for key in ("knn_top1", "linear_probe_top1", "wahba_error_mean", "wahba_error_max", "relative_equivariance"):
     assert np.isfinite(saved[key])
   assert saved["knn"]["k"] == 20 and saved["knn"]["temperature"] == 0.5 and saved["knn"]["bank_size"] == 2048
