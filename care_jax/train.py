@@ -493,7 +493,8 @@ def _train_and_evaluate(config, workdir, stop_at_step: Optional[int]) -> dict:
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, log=writer.note)
   restored, start_step = ckpt.restore_latest(state)
   start_step = int(start_step or 0)
-  finished = _finished_report(workdir, config, start_step, durations.total_steps)
+  changes = _config_changes(workdir, config)
+  finished = _finished_report(workdir, config, start_step, durations.total_steps) if changes == [] else None
   if finished is not None:
     ckpt.close()
     writer.note(f"already finished at step {start_step}: {workdir / 'report.json'}  {evaluate.summary_line(finished)}"
@@ -502,7 +503,8 @@ def _train_and_evaluate(config, workdir, stop_at_step: Optional[int]) -> dict:
     return finished
   if restored is not None:
     state = restored
-    writer.note(f"resumed from {ckpt.directory / str(start_step)} (step {start_step})")
+    writer.note(f"resumed from {ckpt.directory / str(start_step)} (step {start_step})"
+                + (f" with a changed config: {'; '.join(changes)}" if changes else ""))
   writer.truncate_after(start_step)
   if is_chief:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -615,15 +617,24 @@ def _train_and_evaluate(config, workdir, stop_at_step: Optional[int]) -> dict:
   return report
 
 
+def _config_changes(workdir, config) -> Optional[list]:
+  """'field: saved -> now' for each field this config changes from the workdir's config.json
+  (the previous run's); None where there is none. A resumed run says them: extending
+  num_epochs is routine, another objective on a finished CARE run is likely a wrong --workdir."""
+  path = workdir / "config.json"
+  if not path.exists():
+    return None
+  saved, now = json.loads(path.read_text()), json.loads(config.to_json_best_effort())
+  return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and saved[k] != v]
+
+
 def _finished_report(workdir, config, step: int, total_steps: int) -> Optional[dict]:
-  """The report of a run that already ended where this config ends, with this config: the
-  same command run again (a second `make demo`) then shows it instead of evaluating the
-  same checkpoint again (minutes). None otherwise: a changed config (more steps, other
-  evaluation settings) resumes or re-evaluates. One process only, where no other host
-  could read a different workdir."""
-  config_path, report_path = workdir / "config.json", workdir / "report.json"
-  if (jax.process_count() > 1 or step != total_steps or not config.final_eval or not report_path.exists()
-      or not config_path.exists() or config_path.read_text() != config.to_json_best_effort(indent=2)):
+  """The report of a run that already ended where this config ends: with the config unchanged
+  (the caller checks), the same command run again (a second `make demo`) shows it instead of
+  evaluating the same checkpoint again (minutes). None otherwise. One process only, where no
+  other host could read a different workdir."""
+  report_path = workdir / "report.json"
+  if jax.process_count() > 1 or step != total_steps or not config.final_eval or not report_path.exists():
     return None
   report = json.loads(report_path.read_text())
   return report if report.get("step") == step else None
