@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import uuid
@@ -383,6 +384,13 @@ def local_equivariance_rows(global_batch: int, num_chunks: int, equiv_batch: int
     return None
   rows = equivariance_rows(global_batch, num_chunks, equiv_batch)
   return rows[(rows >= offset) & (rows < offset + local)]
+
+
+def config_changes(saved: dict, config) -> list:
+  """(field, saved value, this config's) for each field of a saved config (a run's config.json)
+  that `config` changes; fields the saved one lacks (an older version's run) are not changes."""
+  now = json.loads(config.to_json_best_effort())
+  return [(k, saved[k], v) for k, v in now.items() if k in saved and saved[k] != v]
 
 
 def check_workdir(workdir: str) -> epath.Path:

@@ -624,8 +624,8 @@ def _config_changes(workdir, config) -> Optional[list]:
   path = workdir / "config.json"
   if not path.exists():
     return None
-  saved, now = json.loads(path.read_text()), json.loads(config.to_json_best_effort())
-  return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and saved[k] != v]
+  return [f"{k}: {saved!r} -> {now!r}" for k, saved, now in config_lib.config_changes(json.loads(path.read_text()),
+                                                                                       config)]
 
 
 def _finished_report(workdir, config, step: int, total_steps: int) -> Optional[dict]:

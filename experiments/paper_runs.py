@@ -120,9 +120,8 @@ def _check_same_settings(where: pathlib.Path, saved: dict | None, config) -> Non
   neither reused nor resumed: its report would stand in the figure for this config's."""
   if saved is None:
     return
-  wanted = json.loads(config.to_json_best_effort())
-  differ = [f"{k}={saved.get(k)!r} there, {wanted[k]!r} here" for k in wanted
-            if k not in _LOCATION_FIELDS and saved.get(k, wanted[k]) != wanted[k]]
+  differ = [f"{k}={there!r} there, {here!r} here" for k, there, here in config_lib.config_changes(saved, config)
+            if k not in _LOCATION_FIELDS]
   if differ:
     raise config_lib.ConfigError(f"{where} holds a run with other settings ({'; '.join(differ[:3])}"
                                  f"{'; ...' if len(differ) > 3 else ''}); delete it to retrain, or "
