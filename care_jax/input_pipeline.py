@@ -397,7 +397,7 @@ def streaming_pretraining_dataset(name: str, split: str, *, data_dir: Optional[s
   offset = process_index * local
   equiv_rows = config_lib.local_equivariance_rows(global_batch, num_chunks, equiv_batch, offset, local)
   builder = _tfds_builder(_tfds_name(name), data_dir, download)
-  part = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
+  part = _process_part(split, process_index, process_count)
   read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=True)
   ds, _ = _class_subset(name, builder, builder.as_dataset(split=part, shuffle_files=True, read_config=read_config,
                                                           decoders=_skip_image_decoding()))
