@@ -542,13 +542,20 @@ def _map_padded(fn, array: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate(out)
 
 
+@jax.jit
+def _leaf_sums(leaves):
+  return [jnp.stack([jnp.sum(x), jnp.sum(x * x)]) for x in leaves]
+
+
 class RunEvaluator:
   """Evaluates a model's variables on the config's splits (process-sharded, masked).
 
   Features are cached per (tag, split) in memory, so the kNN monitor, the probe
   and the baseline reuse one extraction per checkpoint; with `cache_dir`, those
   of a checkpoint step are also kept on disk (cache_dir/step_<N>/<split>.npz),
-  so a later `python -m care_jax.evaluate` of the same checkpoint skips them.
+  so a later `python -m care_jax.evaluate` of the same checkpoint skips them. A
+  file there is used only for the weights and preprocessing that made it, and a
+  damaged one is extracted again (_cache_key, _read_cache).
   """
 
   def __init__(self, config, model, mesh, log: Callable[[str], None] = print, cache_dir=None):
@@ -626,18 +633,43 @@ class RunEvaluator:
     if self._cache_dir is not None and isinstance(tag, int):
       safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{split}-{limit}")
       on_disk = self._cache_dir / f"step_{tag}" / f"{safe}.npz"
-      if on_disk.exists():
-        with on_disk.open("rb") as f:
-          cached = np.load(f)
-          self._features[key] = (cached["features"], cached["projections"], cached["labels"])
-        return self._features[key]
+      made_by = self._cache_key(variables)
+      cached = self._read_cache(on_disk, made_by) if on_disk.exists() else None
+      if cached is not None:
+        self._features[key] = cached
+        return cached
     self._features[key] = extract_features(self.embed_fn, variables, self._batches(split, limit), self.to_global)
     if on_disk is not None and jax.process_index() == 0:
       on_disk.parent.mkdir(parents=True, exist_ok=True)
       f, z, y = self._features[key]
-      with on_disk.open("wb") as out:
-        np.savez(out, features=f, projections=z, labels=y)
+      # Written aside and renamed: a run killed mid-write leaves no truncated cache behind.
+      partial = on_disk.parent / (on_disk.name + ".partial")
+      with partial.open("wb") as out:
+        np.savez(out, features=f, projections=z, labels=y, made_by=made_by)
+      partial.replace(on_disk)
     return self._features[key]
+
+  def _cache_key(self, variables) -> str:
+    """What a cached extraction depends on beyond its split and step: the encoder's weights
+    (per-leaf sums; a workdir retrained at the same step, say) and how images reach it."""
+    sums = jax.device_get(_leaf_sums(jax.tree.leaves(variables)))
+    c = self.config
+    return json.dumps({"dataset": c.dataset, "image_size": c.image_size, "dtype": c.dtype,
+                       "weights": [float(v) for pair in sums for v in pair]})
+
+  def _read_cache(self, path, made_by: str):
+    """A cached extraction, or None (and a log line) where it is damaged or was made by
+    other weights or settings: then the features are extracted again and rewritten."""
+    try:
+      with path.open("rb") as f:
+        cached = np.load(f)
+        if "made_by" in cached.files and str(cached["made_by"]) == made_by:
+          return cached["features"], cached["projections"], cached["labels"]
+        why = "made by other weights or settings"
+    except Exception as e:  # noqa: BLE001 (a damaged npz fails in several ways)
+      why = f"unreadable ({type(e).__name__})"
+    self.log(f"features cache {path} is {why}; extracting them again")
+    return None
 
   def forget(self, tag) -> None:
     self._features = {k: v for k, v in self._features.items() if k[0] != tag}

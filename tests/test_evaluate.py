@@ -281,6 +281,40 @@ def test_the_evaluator_scores_the_augmented_probe_under_the_statistics_it_left(t
   assert not evaluator._features  # nothing cached: the test features depend on the probe's statistics
 
 
+def test_the_features_cache_on_disk_serves_only_the_weights_that_made_it_and_survives_damage(tmp_path, monkeypatch):
+  import jax
+  from jax.sharding import Mesh
+  rng = np.random.default_rng(2)
+  path = tmp_path / "tiny.npz"
+  np.savez(path, images=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), labels=rng.integers(0, 3, 40))
+  config, model, variables = _smoke_model_and_variables(dataset=f"npz:{path}", eval_batch_size=16)
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  logs = []
+  evaluator = lambda: evaluate.RunEvaluator(config, model, mesh, log=logs.append, cache_dir=tmp_path / "features")
+  first = evaluator().features(variables, 7, "test")
+  cache = tmp_path / "features" / "step_7" / "test-0.npz"
+  assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]  # no .partial left
+  extract, extractions = evaluate.extract_features, []
+  monkeypatch.setattr(evaluate, "extract_features", lambda *a: extractions.append(1) or extract(*a))
+
+  again = evaluator().features(variables, 7, "test")  # a later evaluation of the same checkpoint
+  assert extractions == [] and logs == [] and all(np.array_equal(a, b) for a, b in zip(first, again))
+  # Other weights at the same step (the workdir trained again): extracted afresh, not the old features.
+  other = jax.tree.map(lambda x: x * 1.5, variables)
+  fresh = evaluator().features(other, 7, "test")
+  e = evaluator()
+  assert np.allclose(fresh[0], extract(e.embed_fn, other, e._batches("test", 0), e.to_global)[0])
+  assert extractions == [1] and not np.allclose(fresh[0], first[0])
+  assert logs == [f"features cache {cache} is made by other weights or settings; extracting them again"]
+  # A truncated file (a run killed mid-write, before writes were atomic): extracted again and rewritten.
+  evaluator().features(variables, 7, "test")
+  cache.write_bytes(cache.read_bytes()[:100])
+  logs.clear()
+  assert np.allclose(evaluator().features(variables, 7, "test")[0], first[0])
+  assert len(logs) == 1 and "is unreadable (" in logs[0]
+  assert len(extractions) == 3 and np.allclose(np.load(cache)["features"], first[0])
+
+
 # ------------------------------------------------------------------ MoCo's lincls probe (ImageNet-100)
 
 def test_lincls_probe_on_eight_devices_is_numpy_sgd_on_frozen_features_short_batch_included(tmp_path):
