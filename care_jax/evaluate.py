@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from care_jax import augment_jax, config_lib, datasets, geometry, losses, random_util
+from care_jax import augment_jax, config_lib, datasets, geometry, losses, metric_writers, random_util
 from care_jax import augment_config
 
 
@@ -911,7 +911,7 @@ def write_report(workdir, report: dict, out_dir=None) -> None:
   if jax.process_index() == 0:
     out_dir = epath.Path(workdir if out_dir is None else out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    metric_writers.write_atomically(out_dir / "report.json", json.dumps(report, indent=2))
     plots.write_plots(workdir, report, out_dir)
 
 

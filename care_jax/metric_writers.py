@@ -105,6 +105,29 @@ class TensorBoardWriter:
     self._file.close()
 
 
+# --------------------------------------------------------------- files
+
+def write_atomically(path, text: str) -> None:
+  """path's new contents in one step: written beside it, then renamed over it, so a run
+  killed midway leaves the old file or the new one, never part of one."""
+  path = epath.Path(path)
+  partial = path.parent / (path.name + ".partial")
+  partial.write_text(text)
+  partial.replace(path)
+
+
+def read_jsonl(path) -> list:
+  """The rows of a JSON-lines file; a line that does not parse (cut short by a kill or a
+  full disk while it was appended) is left out rather than failing every later reader."""
+  rows = []
+  for line in epath.Path(path).read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return rows
+
+
 # --------------------------------------------------------------- the writer
 
 class MetricWriter:
@@ -117,12 +140,12 @@ class MetricWriter:
     self._tb = TensorBoardWriter(workdir) if enabled else None
 
   def truncate_after(self, step: int) -> None:
-    """Drops lines logged after `step` (a resumed run logs those steps again)."""
+    """Drops lines logged after `step` (a resumed run logs those steps again), and a last
+    line a killed run left half-written."""
     if not self.enabled or not self.jsonl.exists():
       return
-    keep = [line for line in self.jsonl.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    self.jsonl.write_text("".join(line + "\n" for line in keep))
+    keep = [json.dumps(row) for row in read_jsonl(self.jsonl) if row.get("step", 0) <= step]
+    write_atomically(self.jsonl, "".join(line + "\n" for line in keep))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:

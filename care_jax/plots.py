@@ -7,10 +7,11 @@ is missing (the bare GPU image) the figures are skipped with a note.
 from __future__ import annotations
 
 import io
-import json
 import sys
 
 from etils import epath
+
+from care_jax import metric_writers
 
 
 def _pyplot():
@@ -32,9 +33,7 @@ def _save(fig, path: epath.Path) -> None:
 
 def read_metrics(workdir) -> list:
   path = epath.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return metric_writers.read_jsonl(path) if path.exists() else []
 
 
 def write_plots(workdir, report: dict, out_dir=None) -> list:

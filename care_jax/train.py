@@ -507,7 +507,7 @@ def _train_and_evaluate(config, workdir, stop_at_step: Optional[int]) -> dict:
                 + (f" with a changed config: {'; '.join(changes)}" if changes else ""))
   writer.truncate_after(start_step)
   if is_chief:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    metric_writers.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
 
   views = VIEWS if config_lib.uses_equivariance(config) else VIEWS[:2]
   last_step = durations.total_steps if stop_at_step is None else min(stop_at_step, durations.total_steps)

@@ -12,7 +12,7 @@ split at that rate: steps_per_epoch x batch / (images/s), with steps_per_epoch
 recovered from the logged `epoch` field (step / steps_per_epoch).
 A run stopped before its final evaluation (no report.json yet) still gets its
 throughput columns, the report's shown as "-".
-Needs neither JAX nor TensorFlow, so it runs anywhere a run's files are.
+Needs neither JAX nor TensorFlow (etils only), so it runs anywhere a run's files are.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import json
 import pathlib
 import statistics
 import sys
+
+from care_jax import metric_writers  # etils only: no JAX, no TensorFlow
 
 COLUMNS = ("run", "steps", "batch", "img/s", "step ms", "epoch s", "eval s", "kNN top-1", "probe top-1",
            "Wahba mean", "gamma_f")
@@ -32,7 +34,7 @@ def summarize(workdir) -> dict:
   metrics_path, report_path = workdir / "metrics.jsonl", workdir / "report.json"
   if not metrics_path.exists():
     raise SystemExit(f"run_summary: {metrics_path} is missing; pass the --workdir of a care_jax.main run")
-  rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+  rows = metric_writers.read_jsonl(metrics_path)  # a run cut off mid-line (a stage limit) still reads
   windows = [r for r in rows if r.get("images_per_sec", 0) > 0]
   if not windows:
     raise SystemExit(f"run_summary: {metrics_path} has no timed window (images_per_sec > 0); the run logged "

@@ -181,6 +181,20 @@ def test_tensorboard_events_are_read_back_by_tensorflow(tmp_path):
   assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3]
 
 
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_not_fatal(tmp_path):
+  from care_jax import plots
+  writer = metric_writers.MetricWriter(tmp_path, total_steps=10)
+  writer.write(1, {"loss": 2.0})
+  writer.write(2, {"loss": 1.5})
+  writer.close()
+  with (tmp_path / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 3, "lo')  # the append a SIGKILL or a full disk interrupted
+  assert plots.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+  metric_writers.MetricWriter(tmp_path, total_steps=10).truncate_after(2)  # the resume: was a JSONDecodeError
+  assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+  assert not list(tmp_path.glob("*.partial"))  # rewritten aside and renamed over the file
+
+
 # ------------------------------------------------------------------ the release's augmented probe
 
 def _smoke_model_and_variables(**overrides):
