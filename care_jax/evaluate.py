@@ -642,11 +642,9 @@ class RunEvaluator:
     if on_disk is not None and jax.process_index() == 0:
       on_disk.parent.mkdir(parents=True, exist_ok=True)
       f, z, y = self._features[key]
-      # Written aside and renamed: a run killed mid-write leaves no truncated cache behind.
-      partial = on_disk.parent / (on_disk.name + ".partial")
-      with partial.open("wb") as out:
+      # Streamed to the file, not buffered: an ImageNet bank's features run to gigabytes.
+      with metric_writers.atomic_file(on_disk, "wb") as out:
         np.savez(out, features=f, projections=z, labels=y, made_by=made_by)
-      partial.replace(on_disk)
     return self._features[key]
 
   def _cache_key(self, variables) -> str:

@@ -8,6 +8,7 @@ Only process 0 writes (see `create`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import socket
@@ -107,13 +108,20 @@ class TensorBoardWriter:
 
 # --------------------------------------------------------------- files
 
-def write_atomically(path, text: str) -> None:
-  """path's new contents in one step: written beside it, then renamed over it, so a run
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "w"):
+  """A file opened for writing beside `path` and renamed over it once closed, so a run
   killed midway leaves the old file or the new one, never part of one."""
   path = epath.Path(path)
   partial = path.parent / (path.name + ".partial")
-  partial.write_text(text)
+  with partial.open(mode) as f:
+    yield f
   partial.replace(path)
+
+
+def write_atomically(path, text: str) -> None:
+  with atomic_file(path) as f:
+    f.write(text)
 
 
 def read_jsonl(path) -> list:
