@@ -296,31 +296,45 @@ def test_streamed_evaluation_matches_the_in_memory_split_and_features():
   assert ("validation" not in evaluator._data) and (None not in evaluator._data)  # no whole split loaded
 
 
-def test_streamed_evaluation_parts_of_several_processes_cover_each_example_once(tmp_path):
-  # tfds' mock data ignores split slicing, so a real (tiny, variable-size) tfds dataset is built here.
+@pytest.fixture(scope="module")
+def tiny_tfds_dir(tmp_path_factory):
+  """A real tfds dataset on disk, as tfds' mock data ignores split slicing, which the
+  per-process parts are made of: 21 images of 3 classes in two configs,
+  'tiny_images/any_size' (a 'validation' split of sides 12-29, declared of unknown size
+  as ImageNet's, so its evaluation view is a resize and centre crop) and
+  'tiny_images/square' ('train', 16x16: the lincls views' whole-image crops)."""
   import tensorflow_datasets as tfds  # noqa: PLC0415
 
-  class TinyStreamedImages(tfds.core.GeneratorBasedBuilder):
+  class TinyImages(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="any_size"), tfds.core.BuilderConfig(name="square")]
 
     def _info(self):
+      shape = (None, None, 3) if self.builder_config.name == "any_size" else (16, 16, 3)
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-          {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=3)}))
+          {"image": tfds.features.Image(shape=shape), "label": tfds.features.ClassLabel(num_classes=3)}))
 
     def _split_generators(self, dl_manager):
-      return {"validation": self._generate_examples()}
+      any_size = self.builder_config.name == "any_size"
+      return {"validation" if any_size else "train": self._generate_examples(any_size)}
 
-    def _generate_examples(self):
-      rng = np.random.default_rng(0)
+    def _generate_examples(self, any_size):
+      rng = np.random.default_rng(0 if any_size else 1)
       for i in range(21):
-        h, w = rng.integers(12, 30, 2)
+        h, w = rng.integers(12, 30, 2) if any_size else (16, 16)
         yield i, {"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "label": i % 3}
 
-  TinyStreamedImages(data_dir=str(tmp_path)).download_and_prepare()
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  for config in TinyImages.BUILDER_CONFIGS:
+    TinyImages(config=config, data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
+def test_streamed_evaluation_parts_of_several_processes_cover_each_example_once(tiny_tfds_dir):
   aug = augment.AugmentConfig(image_size=16)
-  common = dict(data_dir=str(tmp_path), download=False, image_size=16, aug=aug, global_batch=8)
-  whole = ip.load_dataset("tiny_streamed_images", "validation", 16, data_dir=str(tmp_path))
-  parts = [ip.streaming_eval_batches("tiny_streamed_images", "validation", process_index=p, process_count=2,
+  common = dict(data_dir=tiny_tfds_dir, download=False, image_size=16, aug=aug, global_batch=8)
+  whole = ip.load_dataset("tiny_images/any_size", "validation", 16, data_dir=tiny_tfds_dir)
+  parts = [ip.streaming_eval_batches("tiny_images/any_size", "validation", process_index=p, process_count=2,
                                      **common) for p in (0, 1)]
   two = []
   while True:  # what extract_features does: stop at the first batch that is padding everywhere
@@ -333,50 +347,33 @@ def test_streamed_evaluation_parts_of_several_processes_cover_each_example_once(
   key = lambda a: sorted(map(bytes, a.reshape(len(a), -1)))  # noqa: E731
   assert len(got) == len(expected) == 21 and key(got) == key(expected)
   assert all(b["images"].shape == (4, 16, 16, 3) for b in two)  # half the global batch per process
-  head = ip.load_streaming_head("tiny_streamed_images", "validation", 5, data_dir=str(tmp_path), download=False,
+  head = ip.load_streaming_head("tiny_images/any_size", "validation", 5, data_dir=tiny_tfds_dir, download=False,
                                 image_size=16)
   np.testing.assert_array_equal(head.images, whole.images[:5])
   # A split the dataset lacks is one line naming its splits, from the metadata alone.
-  bad = (r"'tiny_streamed_images' has no split 'valid' \(in 'validation\[:5\]\+valid'\); its splits are "
+  bad = (r"'tiny_images/any_size' has no split 'valid' \(in 'validation\[:5\]\+valid'\); its splits are "
          r'validation. Did you mean "validation"\?$')
-  for read in (lambda: ip.load_dataset("tiny_streamed_images", "validation[:5]+valid", 16, data_dir=str(tmp_path)),
-               lambda: ip.streaming_num_examples("tiny_streamed_images", "validation[:5]+valid", str(tmp_path)),
-               lambda: ip.check_split("tiny_streamed_images", "validation[:5]+valid", str(tmp_path))):
+  for read in (lambda: ip.load_dataset("tiny_images/any_size", "validation[:5]+valid", 16, data_dir=tiny_tfds_dir),
+               lambda: ip.streaming_num_examples("tiny_images/any_size", "validation[:5]+valid", tiny_tfds_dir),
+               lambda: ip.check_split("tiny_images/any_size", "validation[:5]+valid", tiny_tfds_dir)):
     with pytest.raises(ip.DatasetUnavailableError, match=bad):
       read()
   with pytest.raises(ip.DatasetUnavailableError, match=r"no split 'test' \(in 'test'\); its splits are validation.$"):
-    ip.check_split("tiny_streamed_images", "test", str(tmp_path))
-  assert ip.streaming_num_examples("tiny_streamed_images", "validation[:5]+validation[10:]", str(tmp_path)) == 16
+    ip.check_split("tiny_images/any_size", "test", tiny_tfds_dir)
+  assert ip.streaming_num_examples("tiny_images/any_size", "validation[:5]+validation[10:]", tiny_tfds_dir) == 16
 
 
-def test_streamed_lincls_views_cover_each_example_once_and_train_as_the_in_memory_probe(tmp_path):
+def test_streamed_lincls_views_cover_each_example_once_and_train_as_the_in_memory_probe(tiny_tfds_dir):
   # MoCo lincls' training views of a streamed split (ImageNet-100's probe).
   import jax  # noqa: PLC0415
-  import tensorflow_datasets as tfds  # noqa: PLC0415
 
   from care_jax import evaluate, train  # noqa: PLC0415
 
-  class TinySquareImages(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-          {"image": tfds.features.Image(shape=(16, 16, 3)), "label": tfds.features.ClassLabel(num_classes=3)}))
-
-    def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      rng = np.random.default_rng(1)
-      for i in range(21):
-        yield i, {"image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "label": i % 3}
-
-  TinySquareImages(data_dir=str(tmp_path)).download_and_prepare()
-  whole = ip.load_dataset("tiny_square_images", "train", 16, data_dir=str(tmp_path))
+  whole = ip.load_dataset("tiny_images/square", "train", 16, data_dir=tiny_tfds_dir)
   # Whole-image crops, every one flipped: each view is its image mirrored, normalised.
   mirrored = augment.AugmentConfig(image_size=16, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=1.0)
   stream = lambda aug, epoch, batch=8, **kw: ip.streaming_lincls_batches(  # noqa: E731
-      "tiny_square_images", "train", data_dir=str(tmp_path), download=False, aug=aug, global_batch=batch, seed=0,
+      "tiny_images/square", "train", data_dir=tiny_tfds_dir, download=False, aug=aug, global_batch=batch, seed=0,
       epoch=epoch, **kw)
   parts = [stream(mirrored, 0, process_index=p, process_count=2) for p in (0, 1)]
   two = []
