@@ -64,8 +64,7 @@ def main(argv):
   from care_jax import checkpoints, train
   train.maybe_initialize_distributed(config)
   try:
-    config_lib.validate(config, jax.device_count())
-    config_lib.check_workdir(_WORKDIR.value)
+    config_lib.validate(config, jax.device_count())  # before train_and_evaluate makes the workdir
     train.train_and_evaluate(config, _WORKDIR.value)
   # ConfigError covers the input pipeline's DatasetUnavailableError too.
   except (config_lib.ConfigError, checkpoints.CheckpointError, train.TrainingDivergedError) as e:

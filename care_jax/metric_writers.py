@@ -85,25 +85,29 @@ def _event(wall_time: float, step: int, *, file_version: Optional[str] = None,
 
 
 class TensorBoardWriter:
-  """Scalars as a TensorBoard event file in `logdir`."""
+  """Scalars as a TensorBoard event file in `logdir`, created with the first scalars: a run
+  that ends before logging any (refused by a data check, or already finished) leaves no
+  header-only file behind."""
 
   def __init__(self, logdir):
-    logdir = epath.Path(logdir)
-    logdir.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    self.path = logdir / f"events.out.tfevents.{int(now)}.{socket.gethostname()}.care_jax"
-    self._file = self.path.open("wb")
-    self._file.write(_record(_event(now, 0, file_version="brain.Event:2")))
-    self._file.flush()
+    self.logdir = epath.Path(logdir)
+    self._file = None
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     finite = {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if finite:
-      self._file.write(_record(_event(time.time(), int(step), scalars=finite)))
-      self._file.flush()
+    if not finite:
+      return
+    if self._file is None:
+      now = time.time()
+      self.logdir.mkdir(parents=True, exist_ok=True)
+      self._file = (self.logdir / f"events.out.tfevents.{int(now)}.{socket.gethostname()}.care_jax").open("wb")
+      self._file.write(_record(_event(now, 0, file_version="brain.Event:2")))
+    self._file.write(_record(_event(time.time(), int(step), scalars=finite)))
+    self._file.flush()
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
 # --------------------------------------------------------------- files

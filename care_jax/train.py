@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental.layout import Format, Layout
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -462,9 +463,28 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: Optional[int] = No
   preemption would (tests and time-sliced jobs). Returns a summary dict: the
   final report when final_eval ran, else {"step": ..., "status": ...}.
   """
+  made_here = not epath.Path(workdir).exists()
   workdir = config_lib.check_workdir(workdir)
-  with _sole_run(workdir):
-    return _train_and_evaluate(config, workdir, stop_at_step)
+  try:
+    with _sole_run(workdir):
+      return _train_and_evaluate(config, workdir, stop_at_step)
+  except BaseException:
+    if made_here:  # a run refused before its first output (bad data, say) leaves no empty workdir behind
+      _remove_if_unused(workdir)
+    raise
+
+
+def _remove_if_unused(workdir) -> None:
+  """Deletes workdir if it holds nothing but _sole_run's lock file (process 0 only).
+  Best effort: it runs while an error propagates, which it must never replace."""
+  if jax.process_index() != 0:
+    return
+  try:
+    if all(p.name == ".lock" for p in workdir.iterdir()):
+      (workdir / ".lock").unlink(missing_ok=True)
+      workdir.rmdir()
+  except Exception:  # noqa: BLE001 (a filesystem that refuses leaves the folder, as before)
+    pass
 
 
 def _train_and_evaluate(config, workdir, stop_at_step: Optional[int]) -> dict:

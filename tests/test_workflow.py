@@ -92,7 +92,18 @@ def test_bad_config_is_one_line_and_nonzero(tmp_path, override, expected):
   assert "Traceback" not in result.stderr, result.stderr
   assert expected in lines[-1], result.stderr
   assert time.perf_counter() - started < 60
-  assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.json").exists()
+  assert not (tmp_path / "run").exists()  # refused before any output: no empty workdir left behind
+
+
+def test_bad_data_leaves_an_existing_workdir_and_its_files_as_they_were(tmp_path):
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "notes.txt").write_text("mine")
+  result = _main(SMOKE, f"--workdir={tmp_path / 'run'}", "--config.test_split=validation", DEVICE_VIEWS)
+  assert result.returncode == 1 and "fashion_mnist split must be 'train' or 'test'" in result.stderr
+  assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "notes.txt"]
+  (tmp_path / "empty").mkdir()
+  result = _main(SMOKE, f"--workdir={tmp_path / 'empty'}", "--config.test_split=validation", DEVICE_VIEWS)
+  assert result.returncode == 1 and (tmp_path / "empty").is_dir()
 
 
 def test_unknown_preset_is_one_line_with_the_closest_preset(tmp_path):
@@ -368,13 +379,14 @@ def test_smoke_run_without_tensorflow_writes_report_metrics_tensorboard_and_plot
   assert run.returncode == 0, run.stderr[-3000:]
   saved = json.loads((workdir / "report.json").read_text())
   # The same command again shows the finished run's report instead of evaluating it again.
-  finished = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file() and "tfevents" not in p.name and p.name != ".lock"}
+  finished = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file() and p.name != ".lock"}
   again = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   lines = [l for l in again.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith(  # and no evaluation before it
       f"already finished at step 4: {workdir / 'report.json'}  kNN top-1 {saved['knn_top1']:.2f}%"), again.stderr
-  assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file() and "tfevents" not in p.name and p.name != ".lock"} == finished
+  # Nothing rewritten or added (no header-only TensorBoard file either); .lock names the last process.
+  assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file() and p.name != ".lock"} == finished
   for key in ("knn_top1", "linear_probe_top1", "wahba_error_mean", "wahba_error_max", "relative_equivariance"):
     assert np.isfinite(saved[key])
   assert saved["knn"]["k"] == 20 and saved["knn"]["temperature"] == 0.5 and saved["knn"]["bank_size"] == 2048
