@@ -95,6 +95,7 @@ def test_bad_config_is_one_line_and_nonzero(tmp_path, override, expected):
   assert not (tmp_path / "run").exists()  # refused before any output: no empty workdir left behind
 
 
+@needs_fashion_mnist
 def test_bad_data_leaves_an_existing_workdir_and_its_files_as_they_were(tmp_path):
   (tmp_path / "run").mkdir()
   (tmp_path / "run" / "notes.txt").write_text("mine")
