@@ -28,7 +28,10 @@ import sys
 import time
 from typing import Callable, Iterable
 
-import jax
+if __name__ == "__main__":  # the CLI: before jaxlib loads, as care_jax/main.py says why
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -940,7 +943,6 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   from absl import app, flags
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
   flags.DEFINE_integer("step", None, "Evaluate the newest checkpoint at or before this step (default: latest).")
   flags.DEFINE_integer("linear_probe_seeds", None, "Override: number of linear-probe seeds.")

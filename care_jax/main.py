@@ -11,10 +11,16 @@ import os
 import re
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# TensorFlow's C++ INFO/WARNING lines, among them 4 grappler "Error in PredictCost()"
+# warnings per tf.data pipeline. Set before anything imports jax (config_lib does):
+# set after it, the variable no longer silences them (measured; jaxlib's C++
+# logging, which they then go through, has read it at load).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from care_jax import config_lib
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from care_jax import config_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:preset]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
@@ -59,7 +65,6 @@ def main(argv):
           f"{str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__}")
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING lines.
   import jax  # After flag parsing, so --help stays fast.
   from care_jax import checkpoints, train
   train.maybe_initialize_distributed(config)

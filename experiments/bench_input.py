@@ -17,8 +17,10 @@ import argparse
 import os
 import time
 
-import numpy as np
-import tensorflow as tf
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before jaxlib loads: care_jax/main.py says why
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from care_jax import augment, input_pipeline as ip
 

@@ -14,8 +14,9 @@ Writes experiments/results/fig2_ablation/{fig2_ablation.json,.png}.
 
 import json
 
+from experiments import paper_runs  # first: it quiets TensorFlow's C++ log before jaxlib loads
+
 from care_jax import config_lib
-from experiments import paper_runs
 
 
 @paper_runs.main_guard

@@ -24,6 +24,8 @@ import os
 import pathlib
 import sys
 
+# Before anything loads jaxlib (care_jax/main.py says why), so the figure
+# scripts import this module first.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from care_jax import config_lib  # noqa: E402

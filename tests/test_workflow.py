@@ -107,6 +107,21 @@ def test_bad_data_leaves_an_existing_workdir_and_its_files_as_they_were(tmp_path
   assert result.returncode == 1 and (tmp_path / "empty").is_dir()
 
 
+@needs_fashion_mnist
+def test_a_tf_data_run_prints_no_tensorflow_warnings_in_a_plain_shell(tmp_path):
+  # The tests' own TF_CPP_MIN_LOG_LEVEL hid the 4 grappler PredictCost warnings that
+  # every `make demo` printed: main.py set the variable after jax had loaded.
+  # (and TF's persistent XLA cache, a test-only setting whose entries log errors of their own)
+  env = {k: v for k, v in _env().items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_XLA_FLAGS")}
+  result = subprocess.run([sys.executable, "-m", "care_jax.main", SMOKE, f"--workdir={tmp_path / 'run'}",
+                           "--config.num_train_steps=1", "--config.final_eval=False", "--config.eval_every_steps=0"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (tmp_path / "run" / "checkpoints" / "1").is_dir()  # it trained, on tf.data (the smoke preset's backend)
+  warnings = [l for l in result.stderr.splitlines() if re.match(r"[WE]\d{4} ", l)]
+  assert not warnings, warnings[:2]
+
+
 def test_unknown_preset_is_one_line_with_the_closest_preset(tmp_path):
   result = _main(f"--config={ROOT / 'configs' / 'quickstart.py'}:smok", f"--workdir={tmp_path / 'run'}")
   assert result.returncode != 0 and "Traceback" not in result.stderr
