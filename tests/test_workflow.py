@@ -501,3 +501,20 @@ def test_two_processes_with_jax_distributed_match_one_process_and_resume(tmp_pat
   assert two[1]["grad_norm"] == pytest.approx(single[1]["grad_norm"], rel=1e-3)
   for step in (2, 3):
     assert two[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-2)
+
+
+@needs_fashion_mnist
+def test_two_processes_on_the_device_backend_match_one_process(tmp_path):
+  # The multi-host GPU path for data that fits on the devices: each process puts the
+  # whole uint8 set on its devices and the step gathers and augments its batch there.
+  common = [SMOKE, "--config.num_train_steps=2", "--config.final_eval=False", "--config.optimizer=sgd",
+            "--config.learning_rate=0.01", DEVICE_VIEWS]
+  _two_processes(common, tmp_path / "two")
+  one = _main(*common, f"--workdir={tmp_path / 'one'}", devices=4)
+  assert one.returncode == 0, one.stderr[-3000:]
+  two, single = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+  assert sorted(two) == sorted(single) == [1, 2]
+  # As above: the first loss to float precision, gradients to 1e-3.
+  assert two[1]["loss"] == pytest.approx(single[1]["loss"], rel=1e-6)
+  assert two[1]["grad_norm"] == pytest.approx(single[1]["grad_norm"], rel=1e-3)
+  assert two[2]["loss"] == pytest.approx(single[2]["loss"], rel=1e-2)
