@@ -506,9 +506,10 @@ def test_two_processes_with_jax_distributed_match_one_process_and_resume(tmp_pat
 @needs_fashion_mnist
 def test_two_processes_on_the_device_backend_match_one_process(tmp_path):
   # The multi-host GPU path for data that fits on the devices: each process puts the
-  # whole uint8 set on its devices and the step gathers and augments its batch there.
-  common = [SMOKE, "--config.num_train_steps=2", "--config.final_eval=False", "--config.optimizer=sgd",
-            "--config.learning_rate=0.01", DEVICE_VIEWS]
+  # whole uint8 set on its devices and the step gathers and augments its batch there;
+  # then the final report, each process embedding its part of the splits.
+  common = [SMOKE, "--config.num_train_steps=2", "--config.optimizer=sgd", "--config.learning_rate=0.01",
+            DEVICE_VIEWS]
   _two_processes(common, tmp_path / "two")
   one = _main(*common, f"--workdir={tmp_path / 'one'}", devices=4)
   assert one.returncode == 0, one.stderr[-3000:]
@@ -518,3 +519,9 @@ def test_two_processes_on_the_device_backend_match_one_process(tmp_path):
   assert two[1]["loss"] == pytest.approx(single[1]["loss"], rel=1e-6)
   assert two[1]["grad_norm"] == pytest.approx(single[1]["grad_norm"], rel=1e-3)
   assert two[2]["loss"] == pytest.approx(single[2]["loss"], rel=1e-2)
+  reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("two", "one")]
+  # Features equal to float precision: top-1 within 2 of the 1024 test images (a near tie may flip).
+  for key in ("knn_top1", "linear_probe_top1"):
+    assert reports[0][key] == pytest.approx(reports[1][key], abs=0.2), key
+  for key in ("wahba_error_mean", "wahba_error_max", "relative_equivariance", "composition_error_mean"):
+    assert reports[0][key] == pytest.approx(reports[1][key], rel=1e-3), key
