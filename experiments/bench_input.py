@@ -17,7 +17,7 @@ import argparse
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before jaxlib loads: care_jax/main.py says why
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow and jaxlib load (care_jax/main.py)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
