@@ -128,6 +128,23 @@ def write_atomically(path, text: str) -> None:
     f.write(text)
 
 
+class DamagedFileError(ValueError):
+  """A run file that exists but does not parse; str(error) names it and why."""
+
+
+def read_json(path):
+  """A JSON file's value, None where the file does not exist. One that does not parse
+  (edited by hand, or written before writes went aside and renamed) raises
+  DamagedFileError; each caller says what that means for its file."""
+  path = epath.Path(path)
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DamagedFileError(f"{path} is not readable JSON ({type(e).__name__}: {e})") from None
+
+
 def read_jsonl(path) -> list:
   """The rows of a JSON-lines file; a line that does not parse (cut short by a kill or a
   full disk while it was appended) is left out rather than failing every later reader."""

@@ -17,7 +17,6 @@ fashion_mnist or npz data a run, its final report included, is TF-free.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -510,11 +509,12 @@ def _train_and_evaluate(config, workdir, stop_at_step: Optional[int]) -> dict:
     evaluator.add_data(config.train_split, train_data)
   if config.final_eval or config.eval_every_steps:
     evaluator.check_splits()  # before the checkpoint and config.json are touched
+  changes = _config_changes(workdir, config)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, log=writer.note)
   restored, start_step = ckpt.restore_latest(state)
   start_step = int(start_step or 0)
-  changes = _config_changes(workdir, config)
-  finished = _finished_report(workdir, config, start_step, durations.total_steps) if changes == [] else None
+  finished = (_finished_report(workdir, config, start_step, durations.total_steps, writer.note) if changes == []
+              else None)
   if finished is not None:
     ckpt.close()
     writer.note(f"already finished at step {start_step}: {workdir / 'report.json'}  {evaluate.summary_line(finished)}"
@@ -641,14 +641,17 @@ def _config_changes(workdir, config) -> Optional[list]:
   """'field: saved -> now' for each field this config changes from the workdir's config.json
   (the previous run's); None where there is none. A resumed run says them: extending
   num_epochs is routine, another objective on a finished CARE run is likely a wrong --workdir."""
-  path = workdir / "config.json"
-  if not path.exists():
+  try:
+    saved = metric_writers.read_json(workdir / "config.json")
+  except metric_writers.DamagedFileError as e:
+    raise config_lib.ConfigError(f"{e}; restore it, or delete it to resume from the checkpoints under this "
+                                 "config") from None
+  if saved is None:
     return None
-  return [f"{k}: {saved!r} -> {now!r}" for k, saved, now in config_lib.config_changes(json.loads(path.read_text()),
-                                                                                       config)]
+  return [f"{k}: {was!r} -> {now!r}" for k, was, now in config_lib.config_changes(saved, config)]
 
 
-def _finished_report(workdir, config, step: int, total_steps: int) -> Optional[dict]:
+def _finished_report(workdir, config, step: int, total_steps: int, log: Callable[[str], None]) -> Optional[dict]:
   """The report of a run that already ended where this config ends: with the config unchanged
   (the caller checks), the same command run again (a second `make demo`) shows it instead of
   evaluating the same checkpoint again (minutes). None otherwise. One process only, where no
@@ -656,7 +659,11 @@ def _finished_report(workdir, config, step: int, total_steps: int) -> Optional[d
   report_path = workdir / "report.json"
   if jax.process_count() > 1 or step != total_steps or not config.final_eval or not report_path.exists():
     return None
-  report = json.loads(report_path.read_text())
+  try:
+    report = metric_writers.read_json(report_path)
+  except metric_writers.DamagedFileError as e:  # derived from the checkpoint: made again
+    log(f"{e}: evaluating step {step} again")
+    return None
   return report if report.get("step") == step else None
 
 

@@ -28,7 +28,7 @@ import sys
 # scripts import this module first.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from care_jax import config_lib  # noqa: E402
+from care_jax import config_lib, metric_writers  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -102,15 +102,27 @@ def run_variant(scale: str, variant: str, *, seed: int = 0, data_dir: str = "", 
   if equiv_weight is not None:
     overrides["equiv_weight"] = equiv_weight
   config = variant_config(scale, variant, seed, dataset, **overrides)
-  saved = workdir / "config.json"
-  _check_same_settings(workdir, json.loads(saved.read_text()) if saved.exists() else None, config)
-  report_path = workdir / "report.json"
-  if report_path.exists():
-    print(f"reusing {report_path}", file=sys.stderr)
-    return json.loads(report_path.read_text())
+  try:
+    saved = metric_writers.read_json(workdir / "config.json")
+  except metric_writers.DamagedFileError as e:
+    raise config_lib.ConfigError(f"{e}; delete {workdir} to retrain, or pass another --results") from None
+  _check_same_settings(workdir, saved, config)
+  report = _derived_json(workdir / "report.json")  # damaged: the run is evaluated again
+  if report is not None:
+    print(f"reusing {workdir / 'report.json'}", file=sys.stderr)
+    return report
   config_lib.validate(config, _device_count())
   print(f"pretraining {variant} ({scale}) into {workdir}", file=sys.stderr)
   return train.train_and_evaluate(config, str(workdir))
+
+
+def _derived_json(path) -> dict | None:
+  """A report made from checkpoints or weights: None where missing, or damaged (said), to make again."""
+  try:
+    return metric_writers.read_json(path)
+  except metric_writers.DamagedFileError as e:
+    print(f"{e}: making it again", file=sys.stderr)
+    return None
 
 
 # Where the data lives, not what was trained: a run may be reused from another mount.
@@ -139,8 +151,8 @@ def random_init_report(scale: str, data_dir: str = "", results=RESULTS, seed: in
   path = runs_dir(scale, dataset, results) / ("random_init.json" if seed == 0 else f"random_init-seed{seed}.json")
   config = variant_config(scale, compared_variants(scale, dataset)[1], seed, dataset,
                           **({"data_dir": data_dir} if data_dir else {}))
-  if path.exists():
-    result = json.loads(path.read_text())
+  result = _derived_json(path)
+  if result is not None:
     _check_same_settings(path, result.get("config"), config)
     return result
   config_lib.validate(config, _device_count())
@@ -154,7 +166,7 @@ def random_init_report(scale: str, data_dir: str = "", results=RESULTS, seed: in
             "linear_probe": probe, "devices": jax.device_count(), "seed": seed,
             "config": json.loads(config.to_json_best_effort())}
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=2))
+  metric_writers.write_atomically(path, json.dumps(result, indent=2))  # a kill leaves no half file
   return result
 
 

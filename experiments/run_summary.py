@@ -17,7 +17,6 @@ Needs neither JAX nor TensorFlow (etils only), so it runs anywhere a run's files
 
 from __future__ import annotations
 
-import json
 import pathlib
 import statistics
 import sys
@@ -39,12 +38,15 @@ def summarize(workdir) -> dict:
   if not windows:
     raise SystemExit(f"run_summary: {metrics_path} has no timed window (images_per_sec > 0); the run logged "
                      "only its first step; set --config.log_every_steps below num_train_steps")
-  config = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").exists() else {}
+  try:
+    config = metric_writers.read_json(workdir / "config.json") or {}
+    report = metric_writers.read_json(report_path) or {}
+  except metric_writers.DamagedFileError as e:
+    raise SystemExit(f"run_summary: {e}") from None
   batch = config.get("batch_size")
   images_per_sec = statistics.median(r["images_per_sec"] for r in windows)
   last = windows[-1]
   steps_per_epoch = last["step"] / last["epoch"]
-  report = json.loads(report_path.read_text()) if report_path.exists() else {}
   out = {"run": str(workdir), "steps": report.get("step", rows[-1]["step"]), "batch": batch,
          "images_per_sec": images_per_sec, "finished": bool(report)}
   for key in ("eval_seconds", "knn_top1", "linear_probe_top1", "wahba_error_mean", "relative_equivariance"):

@@ -175,3 +175,21 @@ def test_a_run_folder_from_other_settings_is_neither_reused_nor_resumed(tmp_path
   with pytest.raises(config_lib.ConfigError, match=r"random_init\.json holds a run with other settings \("
                      r"model_width=0\.5 there, 0\.0625 here\)"):
     paper_runs.random_init_report("smoke", results=tmp_path)
+
+
+@needs_fashion_mnist
+def test_damaged_run_files_name_the_file_or_are_made_again(tmp_path, capsys):
+  from care_jax import config_lib
+  from experiments import paper_runs
+  workdir = paper_runs.runs_dir("smoke", "cifar10", tmp_path) / "care-seed0"
+  workdir.mkdir(parents=True)
+  (workdir / "config.json").write_text('{"batch_size": 3')  # the run's record of its settings: kept, refused
+  with pytest.raises(config_lib.ConfigError, match=r"care-seed0/config\.json is not readable JSON \(JSONDecodeError: "
+                     r".*\); delete .*care-seed0 to retrain, or pass another --results$"):
+    paper_runs.run_variant("smoke", "care", results=tmp_path)
+  # The random-init report is derived data: a damaged one is made again, and written aside then renamed.
+  (workdir.parent / "random_init.json").write_text('{"knn_top1": 3')
+  again = paper_runs.random_init_report("smoke", results=tmp_path)
+  assert "random_init.json is not readable JSON" in capsys.readouterr().err
+  assert json.loads((workdir.parent / "random_init.json").read_text())["knn_top1"] == again["knn_top1"] > 0
+  assert not list(workdir.parent.glob("*.partial"))

@@ -49,3 +49,7 @@ def test_summary_errors_name_the_file_and_the_fix(tmp_path):
   _write_run(tmp_path / "run", [], steps_per_epoch=10, batch=8)
   with pytest.raises(SystemExit, match="log_every_steps"):
     run_summary.summarize(tmp_path / "run")
+  _write_run(tmp_path / "damaged", [100.0], steps_per_epoch=10, batch=8)
+  (tmp_path / "damaged" / "report.json").write_text('{"step": 4')
+  with pytest.raises(SystemExit, match=r"^run_summary: .*damaged/report\.json is not readable JSON \(JSONDecodeError"):
+    run_summary.summarize(tmp_path / "damaged")

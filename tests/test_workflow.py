@@ -441,6 +441,23 @@ def test_smoke_run_without_tensorflow_writes_report_metrics_tensorboard_and_plot
   assert again["linear_probe"]["seeds"] == [0, 1] and len(again["linear_probe"]["top1_per_seed"]) == 2
   with pytest.raises(config_lib.ConfigError, match=r"--step=1: .* no checkpoint at or before it; its saved steps are 2, 4$"):
     evaluate.evaluate_workdir(workdir.name, step=1)
+  # Damaged run files. report.json is made from the checkpoint: the same command evaluates it again.
+  (workdir / "report.json").write_text('{"step": 4')
+  rerun = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "report.json is not readable JSON (JSONDecodeError: " in rerun.stderr
+  assert "evaluating step 4 again" in rerun.stderr
+  assert json.loads((workdir / "report.json").read_text())["knn_top1"] == pytest.approx(saved["knn_top1"], rel=1e-5)
+  # config.json is the run's record of its settings: refused with the fix, nothing rewritten or moved.
+  (workdir / "config.json").write_text('{"batch_size": 3')
+  refused = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 1 and "Traceback" not in refused.stderr
+  assert re.search(r"^error: .*run/config\.json is not readable JSON \(JSONDecodeError: .*\); restore it, or delete "
+                   r"it to resume from the checkpoints under this config$", refused.stderr.strip().splitlines()[-1])
+  assert (workdir / "config.json").read_text() == '{"batch_size": 3' and (workdir / "checkpoints" / "4").is_dir()
+  with pytest.raises(config_lib.ConfigError, match=r"config\.json is not readable JSON .*; restore it, or delete it "
+                     r"and rerun care_jax.main with the run's --config"):
+    evaluate.evaluate_workdir(workdir.name)
 
 
 def _free_port() -> int:
