@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from care_jax import metric_writers
 from care_jax.models import resnet
 
 OPTIMIZERS = ("adam", "sgd", "lars")
@@ -384,6 +385,15 @@ def local_equivariance_rows(global_batch: int, num_chunks: int, equiv_batch: int
     return None
   rows = equivariance_rows(global_batch, num_chunks, equiv_batch)
   return rows[(rows >= offset) & (rows < offset + local)]
+
+
+def saved_config(workdir, fix: str) -> dict | None:
+  """The config.json a run wrote in workdir, None where it has none; one that does not
+  parse (edited by hand) is a ConfigError naming it and ending in `fix`, the caller's."""
+  try:
+    return metric_writers.read_json(epath.Path(workdir) / "config.json")
+  except metric_writers.DamagedFileError as e:
+    raise ConfigError(f"{e}; {fix}") from None
 
 
 def config_changes(saved: dict, config) -> list:

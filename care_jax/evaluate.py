@@ -863,11 +863,8 @@ def evaluate_workdir(workdir: str, step: int | None = None, overrides: dict | No
   from care_jax import checkpoints, config_lib, train  # noqa: PLC0415
   # orbax wants absolute paths (a relative --workdir made every checkpoint look unreadable).
   workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
-  try:
-    saved = metric_writers.read_json(workdir / "config.json")
-  except metric_writers.DamagedFileError as e:
-    raise config_lib.ConfigError(f"{e}; restore it, or delete it and rerun care_jax.main with the run's --config "
-                                 "(it resumes from the checkpoints and writes it again)") from None
+  saved = config_lib.saved_config(workdir, "restore it, or delete it and rerun care_jax.main with the run's "
+                                           "--config (it resumes from the checkpoints and writes it again)")
   if saved is None:
     raise config_lib.ConfigError(f"workdir={str(workdir)!r} has no config.json; point --workdir at a training run")
   config = config_lib.default_config()

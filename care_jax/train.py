@@ -641,11 +641,7 @@ def _config_changes(workdir, config) -> Optional[list]:
   """'field: saved -> now' for each field this config changes from the workdir's config.json
   (the previous run's); None where there is none. A resumed run says them: extending
   num_epochs is routine, another objective on a finished CARE run is likely a wrong --workdir."""
-  try:
-    saved = metric_writers.read_json(workdir / "config.json")
-  except metric_writers.DamagedFileError as e:
-    raise config_lib.ConfigError(f"{e}; restore it, or delete it to resume from the checkpoints under this "
-                                 "config") from None
+  saved = config_lib.saved_config(workdir, "restore it, or delete it to resume from the checkpoints under this config")
   if saved is None:
     return None
   return [f"{k}: {was!r} -> {now!r}" for k, was, now in config_lib.config_changes(saved, config)]

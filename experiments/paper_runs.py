@@ -102,10 +102,7 @@ def run_variant(scale: str, variant: str, *, seed: int = 0, data_dir: str = "", 
   if equiv_weight is not None:
     overrides["equiv_weight"] = equiv_weight
   config = variant_config(scale, variant, seed, dataset, **overrides)
-  try:
-    saved = metric_writers.read_json(workdir / "config.json")
-  except metric_writers.DamagedFileError as e:
-    raise config_lib.ConfigError(f"{e}; delete {workdir} to retrain, or pass another --results") from None
+  saved = config_lib.saved_config(workdir, f"delete {workdir} to retrain, or pass another --results")
   _check_same_settings(workdir, saved, config)
   report = _derived_json(workdir / "report.json")  # damaged: the run is evaluated again
   if report is not None:
