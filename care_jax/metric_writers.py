@@ -145,6 +145,16 @@ def read_json(path):
     raise DamagedFileError(f"{path} is not readable JSON ({type(e).__name__}: {e})") from None
 
 
+def read_derived_json(path, log, redo: str):
+  """read_json for a file made from other files (a report from a checkpoint): None where it
+  is missing, or damaged, which is logged as '<why>: <redo>' for the caller to make again."""
+  try:
+    return read_json(path)
+  except DamagedFileError as e:
+    log(f"{e}: {redo}")
+    return None
+
+
 def read_jsonl(path) -> list:
   """The rows of a JSON-lines file; a line that does not parse (cut short by a kill or a
   full disk while it was appended) is left out rather than failing every later reader."""

@@ -652,15 +652,10 @@ def _finished_report(workdir, config, step: int, total_steps: int, log: Callable
   (the caller checks), the same command run again (a second `make demo`) shows it instead of
   evaluating the same checkpoint again (minutes). None otherwise. One process only, where no
   other host could read a different workdir."""
-  report_path = workdir / "report.json"
-  if jax.process_count() > 1 or step != total_steps or not config.final_eval or not report_path.exists():
+  if jax.process_count() > 1 or step != total_steps or not config.final_eval:
     return None
-  try:
-    report = metric_writers.read_json(report_path)
-  except metric_writers.DamagedFileError as e:  # derived from the checkpoint: made again
-    log(f"{e}: evaluating step {step} again")
-    return None
-  return report if report.get("step") == step else None
+  report = metric_writers.read_derived_json(workdir / "report.json", log, f"evaluating step {step} again")
+  return report if report is not None and report.get("step") == step else None
 
 
 def _check_finite(step: int, metrics: dict, last_good_save) -> None:

@@ -115,11 +115,7 @@ def run_variant(scale: str, variant: str, *, seed: int = 0, data_dir: str = "", 
 
 def _derived_json(path) -> dict | None:
   """A report made from checkpoints or weights: None where missing, or damaged (said), to make again."""
-  try:
-    return metric_writers.read_json(path)
-  except metric_writers.DamagedFileError as e:
-    print(f"{e}: making it again", file=sys.stderr)
-    return None
+  return metric_writers.read_derived_json(path, lambda line: print(line, file=sys.stderr), "making it again")
 
 
 # Where the data lives, not what was trained: a run may be reused from another mount.
