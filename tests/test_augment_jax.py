@@ -1,5 +1,6 @@
 """The on-device backend against the tf.data reference: same parameters -> same views."""
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -145,6 +146,64 @@ def test_sampled_parameters_follow_the_reference_distributions():
   assert (crop[:, 1] >= 0).all() and (crop[:, 1] + crop[:, 3] <= 32).all()
   for row in jp["jitter_order"][:50]:
     assert sorted(row) == [0, 1, 2, 3]
+
+
+def _torchvision_crop_boxes(rng, num, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """[num, 4] (i, j, h, w): torchvision's RandomResizedCrop.get_params, line for line, in NumPy."""
+  boxes = []
+  for _ in range(num):
+    for _ in range(10):
+      target_area = height * width * rng.uniform(*scale)
+      aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+      w, h = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
+      if 0 < w <= width and 0 < h <= height:
+        boxes.append((rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w))  # high exclusive
+        break
+    else:  # a centre crop, its ratio clamped
+      in_ratio = width / height
+      if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+      elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+      else:
+        w, h = width, height
+      boxes.append(((height - h) // 2, (width - w) // 2, h, w))
+  return np.asarray(boxes, np.float64)
+
+
+def _box_frequencies(boxes):
+  keys, counts = np.unique(boxes, axis=0, return_counts=True)
+  return {tuple(k): c / len(boxes) for k, c in zip(keys, counts)}
+
+
+# (16, 16): 6% of boxes span the whole height, 6% the whole width; (4, 40): over a third of
+# the draws find no box in 10 tries and fall back to the centre crop.
+@pytest.mark.parametrize("height,width", [(16, 16), (12, 20), (4, 40)])
+def test_crop_boxes_on_both_backends_follow_torchvisions_get_params(height, width):
+  n = 20000
+  want = _torchvision_crop_boxes(np.random.default_rng(0), n, height, width)
+  boxes = {"device": np.asarray(jax.device_get(augment_jax.sample_params(jax.random.PRNGKey(0), n, height, width,
+                                                                          CFG)["crop"]), np.float64),
+           "tf": augment.sample_params(tf.constant([0, 1], tf.int64), n, height, width, CFG)["crop"].numpy()}
+  at_end = lambda start, size, full: np.mean(start[size < full] == (full - size)[size < full])
+  centred = lambda start, size, full: np.mean(start - (full - size) / 2)
+  for backend, got in boxes.items():
+    # The sizes: total variation distance to torchvision's (h, w) distribution
+    # (two NumPy draws of this size differ by 0.036 at 16 x 16, 0.024 at 12 x 20, 0.005 at 4 x 40).
+    sizes, want_sizes = _box_frequencies(got[:, 2:]), _box_frequencies(want[:, 2:])
+    distance = 0.5 * sum(abs(sizes.get(k, 0) - want_sizes.get(k, 0)) for k in set(sizes) | set(want_sizes))
+    assert distance < 0.06, (backend, distance)
+    # The offsets, uniform over 0..H-h inclusive: a box ends on the last row or
+    # column as often as torchvision's do, and offsets centre where its do
+    # (randint(0, H - h) exclusive would never end there and centre 0.5 lower).
+    for axis, full in ((0, height), (1, width)):
+      start, size = got[:, axis], got[:, axis + 2]
+      # Boxes as tall (wide) as the image are allowed, as often as torchvision's.
+      assert abs(np.mean(size == full) - np.mean(want[:, axis + 2] == full)) < 0.015, (backend, axis)
+      assert np.all(start >= 0) and np.all(start + size <= full) and np.all(start == np.floor(start)), backend
+      want_start, want_size = want[:, axis], want[:, axis + 2]
+      assert abs(at_end(start, size, full) - at_end(want_start, want_size, full)) < 0.03, (backend, axis)
+      assert abs(centred(start, size, full) - centred(want_start, want_size, full)) < 0.15, (backend, axis)
 
 
 def test_device_views_share_parameters_within_chunks_and_repeat_per_key():
