@@ -8,7 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from care_jax import config_lib, losses, train
+from care_jax import augment_config, config_lib, losses, train
+from tests.test_losses import (np_equivariance, np_hyperbolic_info_nce, np_info_nce,
+                               np_wang_isola)
 
 
 def _tiny_config(**overrides):
@@ -188,6 +190,53 @@ def test_loss_decreases_over_steps_on_a_fixed_batch(overrides):
     state, metrics = step(state, global_batch)
     history.append(float(metrics["loss"]))
   assert history[-1] < history[0] - 0.05, history
+
+
+_MINKOWSKI = np.diag([-1.0] + [1.0] * 5)
+_SYMPLECTIC = np.block([[np.zeros((3, 3)), np.eye(3)], [-np.eye(3), np.zeros((3, 3))]])
+
+
+@pytest.mark.parametrize("overrides, want_total", [
+    ({}, lambda z, c: np_info_nce(z["x1"], z["x2"], c.temperature)[0]
+     + c.equiv_weight * np_equivariance(z["e1"], z["e2"], c.equiv_splits)),
+    ({"objective": "simclr"}, lambda z, c: np_info_nce(z["x1"], z["x2"], c.temperature)[0]),
+    ({"equiv_weight": 0.0}, lambda z, c: np_info_nce(z["x1"], z["x2"], c.temperature)[0]),
+    # L_unif over all 2B per-image embeddings, no invariance term.
+    ({"objective": "equi_unif"}, lambda z, c: np_wang_isola(np.concatenate([z["x1"], z["x2"]]), c.temperature)
+     + c.equiv_weight * np_equivariance(z["e1"], z["e2"], c.equiv_splits)),
+    ({"geometry": "symplectic"}, lambda z, c: np_info_nce(z["x1"], z["x2"], c.temperature)[0]
+     + c.equiv_weight * np_equivariance(z["e1"], z["e2"], c.equiv_splits, _SYMPLECTIC)),
+    ({"geometry": "hyperboloid"}, lambda z, c: np_hyperbolic_info_nce(z["x1"], z["x2"], c.temperature)
+     + c.equiv_weight * np_equivariance(z["e1"], z["e2"], c.equiv_splits, _MINKOWSKI)),
+], ids=["care", "simclr", "weight_0", "equi_unif", "symplectic", "hyperboloid"])
+def test_each_objective_is_its_formula_of_the_four_views(overrides, want_total):
+  config = _tiny_config(**{"equiv_weight": 0.7, "equiv_splits": 2, "temperature": 0.4, **overrides})
+  rng = np.random.default_rng(3)
+  z = {v: rng.normal(size=(8, 6)) for v in train.VIEWS}
+  if config.geometry == "hyperboloid":  # points on the upper sheet, <z, z>_J = -1
+    z = {v: np.concatenate([np.sqrt(1.0 + np.sum(x[:, 1:] ** 2, axis=1, keepdims=True)), x[:, 1:]], axis=1)
+         for v, x in z.items()}
+  else:
+    z = {v: x / np.linalg.norm(x, axis=1, keepdims=True) for v, x in z.items()}
+  with jax.default_matmul_precision("float32"):
+    total, terms = train.objective(config, {v: jnp.asarray(x, jnp.float32) for v, x in z.items()})
+  np.testing.assert_allclose(float(total), want_total(z, config), rtol=2e-5)
+  assert np.isfinite(float(terms["info_nce"]))
+
+
+def test_device_augmentation_draws_new_views_each_step_and_the_same_ones_again_on_a_rerun():
+  config = _tiny_config(augment_backend="device")
+  aug = augment_config.from_config(config)
+  step = jax.jit(train.with_device_augmentation(lambda state, views: views, config, aug))
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (config.batch_size, 16, 16, 3), np.uint8))
+  state = lambda seed, at: train.TrainState(step=jnp.int32(at), params={}, batch_stats={}, opt_state=(),
+                                            rng=jax.random.PRNGKey(seed))
+  views = lambda seed, at: jax.device_get(step(state(seed, at), {"images": images}))
+  first = views(0, 5)
+  for v in train.VIEWS:
+    np.testing.assert_array_equal(views(0, 5)[v], first[v])  # a resumed step redraws its views
+    assert np.abs(views(0, 6)[v] - first[v]).mean() > 0.1, v  # the next step draws new ones
+    assert np.abs(views(1, 5)[v] - first[v]).mean() > 0.1, v  # so does another seed
 
 
 def test_simclr_skips_the_equivariance_views():
