@@ -150,11 +150,13 @@ def knn_accuracy(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray,
 # ------------------------------------------------------------------ linear probe
 
 def _classifier_init(key, dim: int, num_classes: int) -> dict:
-  # torch.nn.Linear's default weight init, so a short probe starts where the release's does.
+  # torch.nn.Linear's default init, weights and bias both U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+  # so a short probe starts where the release's nn.Linear does.
   bound = 1.0 / np.sqrt(dim)
-  return {"w": random_util.drawn_flat(jax.random.uniform, key, (dim, num_classes), dtype=jnp.float32,
+  w_key, b_key = jax.random.split(key)
+  return {"w": random_util.drawn_flat(jax.random.uniform, w_key, (dim, num_classes), dtype=jnp.float32,
                                       minval=-bound, maxval=bound),
-          "b": jnp.zeros((num_classes,), jnp.float32)}
+          "b": jax.random.uniform(b_key, (num_classes,), jnp.float32, minval=-bound, maxval=bound)}
 
 
 def _classifier_loss(p, x, y, mask=None):

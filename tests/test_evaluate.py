@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -93,10 +94,25 @@ def test_linear_probe_on_label_independent_features_is_near_chance():
   assert result["top1"] < 40.0
 
 
+def test_probe_classifiers_start_as_the_releases_do():
+  # torch.nn.Linear (the release's linear.py): weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+  dim, classes = 64, 4000
+  bound = 1 / np.sqrt(dim)
+  p = jax.device_get(evaluate._classifier_init(jax.random.PRNGKey(0), dim, classes))
+  for name, x in p.items():
+    assert np.abs(x).max() <= bound and np.abs(x).max() > 0.99 * bound, name
+    np.testing.assert_allclose(x.std(), bound / np.sqrt(3), rtol=0.03, err_msg=name)
+    assert abs(x.mean()) < 0.02 * bound, name
+  assert abs(np.corrcoef(p["w"][0], p["b"])[0, 1]) < 0.1  # independent draws
+  # main_lincls.py: weight N(0, 0.01^2), bias 0.
+  p = jax.device_get(evaluate.lincls_classifier_init(jax.random.PRNGKey(0), dim, classes))
+  np.testing.assert_allclose(p["w"].std(), 0.01, rtol=0.02)
+  assert abs(p["w"].mean()) < 2e-4 and not p["b"].any()
+
+
 def test_features_probe_is_adam_with_l2_over_every_row_each_epoch_as_a_numpy_loop():
   # Reference: the softmax gradient and torch's Adam + L2 in NumPy, float64, over
   # each epoch's permutation cut into batches of 32, 32 and the partial 11.
-  import jax
   rng = np.random.default_rng(5)
   n, dim, classes, batch, epochs, lr, wd = 75, 6, 3, 32, 3, 1e-2, 0.1
   x = rng.normal(size=(n, dim)).astype(np.float32)
@@ -198,7 +214,6 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_not_fatal(tmp_path):
 # ------------------------------------------------------------------ the release's augmented probe
 
 def _smoke_model_and_variables(**overrides):
-  import jax
   from care_jax import config_lib, train
   config = config_lib.load_config_file(evaluate.config_lib.__file__.replace("care_jax/config_lib.py", "configs/quickstart.py"),
                                        "smoke")
@@ -214,7 +229,6 @@ def test_augmented_probe_on_eight_devices_matches_a_plain_numpy_loop_and_moves_o
   # backbone with BatchNorm in training mode (running statistics move, weights do
   # not) and takes an Adam + L2 step on the classifier. Reference: one device, no
   # jit or scan, the softmax gradient and Adam in NumPy.
-  import jax
   from jax.sharding import Mesh
   from care_jax import augment_jax
   from care_jax.augment_config import augment_config
@@ -273,7 +287,6 @@ def test_augmented_probe_on_eight_devices_matches_a_plain_numpy_loop_and_moves_o
 def test_the_evaluator_scores_the_augmented_probe_under_the_statistics_it_left(tmp_path):
   # source_image_size=32, image_size=16 (STL-10's 96 -> 32): the probe trains on crops
   # of the 32x32 originals and tests on the split resized to 16.
-  import jax
   from jax.sharding import Mesh
   rng = np.random.default_rng(1)
   path = tmp_path / "tiny.npz"
@@ -296,7 +309,6 @@ def test_the_evaluator_scores_the_augmented_probe_under_the_statistics_it_left(t
 
 
 def test_the_features_cache_on_disk_serves_only_the_weights_that_made_it_and_survives_damage(tmp_path, monkeypatch):
-  import jax
   from jax.sharding import Mesh
   rng = np.random.default_rng(2)
   path = tmp_path / "tiny.npz"
@@ -336,7 +348,6 @@ def test_lincls_probe_on_eight_devices_is_numpy_sgd_on_frozen_features_short_bat
   # mode, SGD momentum 0.9 + L2, the rate x 0.1 at each drop epoch, every batch
   # (the short last one too) a step on its own mean loss, the best epoch reported.
   # Reference: one device, no jit or scan; softmax gradient and SGD in NumPy.
-  import jax
   from jax.sharding import Mesh
   from care_jax import augment_jax
   rng = np.random.default_rng(2)
