@@ -351,9 +351,9 @@ class _NumpyTorchvision:
     return x.mean(axis=(1, 2))
 
   def head(self, f):
-    h = ("head",)
-    hidden = np.maximum(self.bn(f @ self._at(self.params, h + ("Dense_0",))["kernel"], h + ("BatchNorm_0",)), 0.0)
-    z = hidden @ self.params["head"]["Dense_1"]["kernel"] + self.params["head"]["Dense_1"]["bias"]
+    head = self.params["head"]
+    hidden = np.maximum(self.bn(f @ head["Dense_0"]["kernel"], ("head", "BatchNorm_0")), 0.0)
+    z = hidden @ head["Dense_1"]["kernel"] + head["Dense_1"]["bias"]
     return z / np.linalg.norm(z, axis=1, keepdims=True)
 
 
