@@ -3,7 +3,11 @@
 The sources that need no TensorFlow are read here: the embedded default
 (Fashion-MNIST from Debian's IDX files in /usr/share/datasets/fashion-mnist,
 `apt-get install -y dataset-fashion-mnist`) and a user's arrays
-(npz:/path/file.npz). tfds names and image folders are decoded by
+(npz:/path/file.npz: one set of examples, or one per split). Split specs use
+tfds' syntax on every source ('train[:2000]', 'test[10%:50%]', 'train[:10%]+test')
+and resolve to the rows tfds would read (parse_split, select_split); the rows a
+local source's spec read are kept, so the evaluation can tell when its test
+examples are also training ones. tfds names and image folders are decoded by
 care_jax/input_pipeline.py, imported only when such a source is asked for,
 so a run on the device augmentation backend over these sources, its
 evaluation included, never imports TensorFlow (the GPU machines have none).
@@ -42,6 +46,9 @@ class ArrayDataset:
   images: np.ndarray  # uint8 [N, S, S, 3]
   labels: np.ndarray  # int32 [N]
   num_classes: int
+  # {split name ("" for a source of one set): row indices read}, for the local
+  # sources; None for tfds ones (their splits are disjoint by construction).
+  rows: Optional[dict] = None
 
 
 # ------------------------------------------------------------------ sources without TensorFlow
@@ -76,48 +83,143 @@ def _idx_file(directory: str, stem: str) -> Optional[str]:
   return None
 
 
-_SPLIT = re.compile(r"^(\w+)(?:\[(-?\d*)(%?):(-?\d*)(%?)\])?$")
+# tfds' split syntax (tensorflow.org/datasets/splits): parts joined by '+', each a split
+# name with an optional [start:stop] in rows or in percent, negative from the end.
+_SPLIT_PART = re.compile(r"^([\w-]+)(?:\[([^\]]*)\])?$")
+_SLICE_BOUND = re.compile(r"^(-?\d+(?:\.\d+)?)(%?)$")
+_SPLIT_EXAMPLES = "use e.g. train, test, train[:2000], test[10%:50%], train[-1000:] or train[:10%]+test"
 
 
-def _parse_split(split: str):
-  """'train', 'train[:2000]', 'test[10%:50%]' (tfds' slice syntax) -> (name, bounds or None)."""
-  m = _SPLIT.match(split.replace(" ", ""))
-  if m is None or (m.group(2) is None and "[" in split):
-    raise DatasetUnavailableError(f"dataset: split {split!r} is not understood; use e.g. train, test, train[:2000] "
-                                  "or train[:10%]")
-  name, lo, lo_pct, hi, hi_pct = m.groups()
-  if lo is None:
-    return name, None
-  return name, ((int(lo), bool(lo_pct)) if lo else None, (int(hi), bool(hi_pct)) if hi else None)
+@dataclasses.dataclass(frozen=True)
+class SplitPart:
+  """One '+'-separated part of a split spec: a split name and its slice bounds in
+  rows or in percent (None: open)."""
+  name: str
+  start: Optional[float] = None
+  stop: Optional[float] = None
+  percent: bool = False
+
+  def rows(self, num_examples: int, spec: str, source: str) -> np.ndarray:
+    """The row indices this part reads from a split of num_examples, as tfds resolves
+    them: percentages rounded to the closest row, a bound beyond the split refused."""
+    for bound in (self.start, self.stop):
+      if bound is None:
+        continue
+      if self.percent and abs(bound) > 100:
+        raise DatasetUnavailableError(f"dataset: split {spec!r} reaches {bound:g}% of {source}'s {self.name!r}; "
+                                      "percentages lie within -100% and 100%")
+      if not self.percent and abs(bound) > num_examples:
+        raise DatasetUnavailableError(
+            f"dataset: split {spec!r} reaches row {bound:g} of {source}'s {self.name!r}, which holds {num_examples} "
+            f"examples; use bounds within -{num_examples} and {num_examples}, or a percentage ({self.name}[:50%])")
+    as_row = lambda b: None if b is None else (int(round(b * num_examples / 100)) if self.percent else int(b))
+    return np.arange(num_examples)[as_row(self.start):as_row(self.stop)]
 
 
-def _slice(n: int, bounds) -> slice:
-  as_index = lambda b: None if b is None else (round(n * b[0] / 100) if b[1] else b[0])
-  return slice(as_index(bounds[0]), as_index(bounds[1]))
+def parse_split(spec: str) -> list:
+  """'train', 'train[:2000]', 'test[10%:50%]', 'train[:10%]+test' -> [SplitPart, ...]."""
+  parts = []
+  for text in re.split(r"\s*\+\s*", str(spec).strip()):
+    match = _SPLIT_PART.match(text.replace(" ", ""))
+    if match is None:
+      raise DatasetUnavailableError(f"dataset: split {spec!r} is not understood; {_SPLIT_EXAMPLES}")
+    name, selector = match.groups()
+    if selector is None:
+      parts.append(SplitPart(name))
+      continue
+    sides = selector.split(":")
+    bounds = [_SLICE_BOUND.match(side) if side else None for side in sides]
+    if len(sides) != 2 or not any(sides) or any(side and b is None for side, b in zip(sides, bounds)):
+      raise DatasetUnavailableError(f"dataset: split {spec!r} is not understood; {_SPLIT_EXAMPLES}")
+    units = {b.group(2) for b in bounds if b is not None}
+    if len(units) > 1:  # tfds reads both in the first one's unit: [10%:2500] would be 10% to 2500%
+      raise DatasetUnavailableError(f"dataset: split {spec!r} mixes a percentage and a row number in [{selector}]; "
+                                    f"give both bounds in one unit, e.g. {name}[10%:25%] or {name}[1000:2500]")
+    percent = units == {"%"}
+    if not percent and any(b is not None and "." in b.group(1) for b in bounds):
+      raise DatasetUnavailableError(f"dataset: split {spec!r} has a fractional row number in [{selector}]; rows are "
+                                    f"whole numbers (fractions are for percentages, {name}[:12.5%])")
+    start, stop = (None if b is None else float(b.group(1)) for b in bounds)
+    parts.append(SplitPart(name, start, stop, percent))
+  return parts
+
+
+def select_split(spec: str, source: str, split_sizes: dict, read) -> tuple:
+  """(images, labels, rows) of a split spec over a source's splits.
+
+  split_sizes: {split name: examples} of the source, or {"": examples} for a source
+  holding one set of examples that every split name reads (a plain npz, a folder of
+  class folders); read(name, rows) -> (images, labels) of those rows. rows:
+  {split name: row indices read}, to find examples two specs share."""
+  images, labels, rows = [], [], {}
+  for part in parse_split(spec):
+    key = "" if set(split_sizes) == {""} else part.name
+    if key not in split_sizes:
+      raise DatasetUnavailableError(f"dataset: {source} has no split {part.name!r} (in {spec!r}); its splits are "
+                                    f"{', '.join(sorted(split_sizes))}.{config_lib.did_you_mean(part.name, split_sizes)}")
+    taken = part.rows(split_sizes[key], spec, source)
+    part_images, part_labels = read(key, taken)
+    images.append(part_images)
+    labels.append(part_labels)
+    rows[key] = np.concatenate([rows.get(key, np.zeros(0, np.int64)), taken])
+  return np.concatenate(images), np.concatenate(labels), rows
+
+
+def shared_examples(a: "ArrayDataset", b: "ArrayDataset") -> Optional[int]:
+  """How many examples two loaded specs of one source both read (None: not known, a tfds source)."""
+  if a.rows is None or b.rows is None:
+    return None
+  return sum(len(np.intersect1d(a.rows[k], b.rows[k])) for k in set(a.rows) & set(b.rows))
 
 
 def load_fashion_mnist_idx(split: str, directory: str = FASHION_MNIST_DIR):
-  """Fashion-MNIST straight from IDX files: (images uint8 [N, 28, 28], labels); slices as in tfds."""
-  name, bounds = _parse_split(split)
-  prefix = {"train": "train", "test": "t10k"}.get(name)
-  if prefix is None:
+  """Fashion-MNIST straight from IDX files: (images uint8 [N, 28, 28], labels, rows);
+  split specs as in tfds (parse_split)."""
+  prefixes = {"train": "train", "test": "t10k"}
+  files = {}
+  for name, prefix in prefixes.items():
+    img = _idx_file(directory, f"{prefix}-images-idx3-ubyte")
+    lab = _idx_file(directory, f"{prefix}-labels-idx1-ubyte")
+    if img is not None and lab is not None:
+      files[name] = (img, lab)
+  if not files:
+    raise FileNotFoundError(directory)
+  wanted = {part.name for part in parse_split(split)}
+  unknown = sorted(wanted - set(prefixes))
+  if unknown:
     raise DatasetUnavailableError(f"dataset: fashion_mnist split must be 'train' or 'test' (optionally sliced, "
                                   f"'train[:2000]'), got {split!r}")
-  img = _idx_file(directory, f"{prefix}-images-idx3-ubyte")
-  lab = _idx_file(directory, f"{prefix}-labels-idx1-ubyte")
-  if img is None or lab is None:
+  if wanted - set(files):  # e.g. a data_dir with the test files only: a prepared tfds copy may have both
     raise FileNotFoundError(directory)
-  images, labels = _read_idx(img), _read_idx(lab).astype(np.int32)
-  if len(images) != len(labels):
-    raise DatasetUnavailableError(f"dataset: {img!r} holds {len(images)} images but {lab!r} {len(labels)} labels; "
-                                  "give both files of one split")
-  if bounds is not None:
-    rows = _slice(len(images), bounds)
-    images, labels = images[rows], labels[rows]
-  return images, labels
+  arrays = {}
+  for name in sorted(wanted):
+    img, lab = files[name]
+    images, labels = _read_idx(img), _read_idx(lab).astype(np.int32)
+    if len(images) != len(labels):
+      raise DatasetUnavailableError(f"dataset: {img!r} holds {len(images)} images but {lab!r} {len(labels)} "
+                                    "labels; give both files of one split")
+    arrays[name] = images, labels
+  return select_split(split, "fashion_mnist", {k: len(v[1]) for k, v in arrays.items()},
+                      lambda name, rows: (arrays[name][0][rows], arrays[name][1][rows]))
 
 
-def _load_npz(path: str):
+def _npz_splits(names) -> dict:
+  """{split name: (images key, labels key)} of an archive's arrays: "" for one set
+  ('images', 'labels'), else a split per '<split>_images' + '<split>_labels' pair or
+  Keras' 'x_<split>' + 'y_<split>' pair (its mnist.npz: x_train, y_train, x_test, y_test)."""
+  if {"images", "labels"} <= set(names):
+    return {"": ("images", "labels")}
+  splits = {}
+  for key in names:
+    for images, labels in (("{}_images", "{}_labels"), ("x_{}", "y_{}")):
+      head, tail = images.split("{}")
+      split = key[len(head):len(key) - len(tail)] if key.startswith(head) and key.endswith(tail) else ""
+      if split and labels.format(split) in names:
+        splits[split] = (key, labels.format(split))
+  return splits
+
+
+def _load_npz(path: str, split: str):
   if not os.path.exists(path):
     raise DatasetUnavailableError(f"dataset: npz file {path!r} does not exist; give npz:/absolute/path/file.npz")
   try:
@@ -126,18 +228,29 @@ def _load_npz(path: str):
       if not isinstance(f, np.lib.npyio.NpzFile):
         raise ValueError("a single array (.npy), not an archive of arrays")
       names = sorted(f.files)
-      arrays = {k: f[k] for k in ("images", "labels") if k in names}
+      splits = _npz_splits(names)
+      arrays = {k: f[k] for pair in splits.values() for k in pair}
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # a damaged or foreign file
     raise DatasetUnavailableError(f"dataset: {path!r} is not a readable .npz archive ({e}); write it with "
                                   "np.savez(path, images=..., labels=...)") from None
-  missing = {"images", "labels"} - set(arrays)
-  if missing:
-    raise DatasetUnavailableError(f"dataset: {path!r} lacks arrays {sorted(missing)}; it needs 'images' "
-                                  f"[N, H, W(, C)] uint8 and 'labels' [N] (has {names})")
-  images, labels = arrays["images"], arrays["labels"].astype(np.int32)
-  if images.dtype != np.uint8:
-    raise DatasetUnavailableError(f"dataset: {path!r} images must be uint8 in [0, 255], got {images.dtype}")
-  return images, labels, int(labels.max()) + 1 if labels.size else 0
+  if not splits:
+    missing = sorted({"images", "labels"} - set(names))
+    raise DatasetUnavailableError(f"dataset: {path!r} lacks arrays {missing}; it needs 'images' [N, H, W(, C)] "
+                                  "uint8 and 'labels' [N], or such a pair per split (train_images, train_labels, "
+                                  f"test_images, ...; or Keras' x_train, y_train, ...) (has {names})")
+  for split_name, (images, labels) in splits.items():
+    what = f"{path!r}" + (f" split {split_name!r}" if split_name else "")
+    if arrays[images].dtype != np.uint8:
+      raise DatasetUnavailableError(f"dataset: {what} images must be uint8 in [0, 255], got {arrays[images].dtype}")
+    if len(arrays[images]) != len(arrays[labels]):
+      raise DatasetUnavailableError(f"dataset: {what} holds {len(arrays[images])} images but {len(arrays[labels])} "
+                                    "labels; give one label per image")
+  # One class count for every split: a slice, or a test split, may lack the last class.
+  classes = max((int(arrays[labels].max()) + 1 for _, labels in splits.values() if arrays[labels].size), default=0)
+  images, labels, rows = select_split(
+      split, f"npz:{path}", {k: len(arrays[v[1]]) for k, v in splits.items()},
+      lambda name, taken: (arrays[splits[name][0]][taken], arrays[splits[name][1]][taken].astype(np.int32)))
+  return images, labels, classes, rows
 
 
 # ------------------------------------------------------------------ one size, three channels
@@ -172,13 +285,14 @@ def to_rgb_size(images: np.ndarray, size: int) -> np.ndarray:
 def load_dataset(name: str, split: str, image_size: int, data_dir: Optional[str] = None,
                  download: bool = False) -> ArrayDataset:
   """Reads a whole split into memory as uint8 [N, S, S, 3] + labels."""
+  rows = None
   if name.startswith("npz:"):
-    images, labels, classes = _load_npz(name[4:])
+    images, labels, classes, rows = _load_npz(name[4:], split)
   elif name == "fashion_mnist":
     try:
       # IDX files under data_dir (e.g. copied to a machine without the Debian package) come first.
       idx_dir = data_dir if data_dir and _idx_file(data_dir, "t10k-labels-idx1-ubyte") else FASHION_MNIST_DIR
-      images, labels = load_fashion_mnist_idx(split, idx_dir)
+      images, labels, rows = load_fashion_mnist_idx(split, idx_dir)
       classes = 10
     except FileNotFoundError:
       from care_jax import input_pipeline  # noqa: PLC0415 (TensorFlow: a prepared tfds copy)
@@ -192,12 +306,12 @@ def load_dataset(name: str, split: str, image_size: int, data_dir: Optional[str]
   else:
     from care_jax import input_pipeline  # noqa: PLC0415 (TensorFlow decodes tfds and image files)
     if name.startswith("folder:"):
-      images, labels, classes = input_pipeline.load_folder(name[7:], image_size)
+      images, labels, classes, rows = input_pipeline.load_folder(name[7:], image_size, split)
     else:
       images, labels, classes = input_pipeline.load_tfds(name, split, data_dir, download, image_size)
   if len(images) == 0:
     raise DatasetUnavailableError(f"dataset: {name!r} split {split!r} is empty")
-  return ArrayDataset(to_rgb_size(images, image_size), labels, classes)
+  return ArrayDataset(to_rgb_size(images, image_size), labels, classes, rows)
 
 
 # ------------------------------------------------------------------ batches

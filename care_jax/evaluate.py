@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 if __name__ == "__main__":  # the CLI: before jaxlib loads, as care_jax/main.py says why
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -602,6 +602,20 @@ class RunEvaluator:
     else:
       for split in splits:
         self.data(split)
+      shared = self.test_examples_in_train_split()
+      if shared:
+        self.log(f"warning: {shared} of the {len(self.data(c.test_split).labels)} test_split={c.test_split!r} examples are "
+                 f"also in the kNN bank / probe split {c.eval_train_split or c.train_split!r} of {c.dataset}: the "
+                 "test accuracies are partly training accuracies; slice the source apart (train[:90%], test[90%:]) "
+                 "or give it separate splits")
+
+  def test_examples_in_train_split(self) -> Optional[int]:
+    """Test examples the kNN bank / probe split also holds (a local source of one set of
+    examples, or overlapping slices); None where not known (tfds splits, streamed data)."""
+    if self.streaming:
+      return None
+    c = self.config
+    return datasets.shared_examples(self.data(c.test_split), self.data(c.eval_train_split or c.train_split))
 
   def num_classes(self) -> int:
     c = self.config
@@ -840,6 +854,7 @@ class RunEvaluator:
       self.forget("random_init")
       report["random_init"] = {"knn_top1": r_knn["top1"], "linear_probe_top1": r_probe["top1"]}
       self.log(f"random-init encoder: kNN top-1 {r_knn['top1']:.2f}%, linear probe top-1 {r_probe['top1']:.2f}%")
+    report["test_examples_in_train_split"] = self.test_examples_in_train_split()
     report["eval_seconds"] = time.perf_counter() - started
     return report
 
@@ -889,6 +904,7 @@ def evaluate_workdir(workdir: str, step: int | None = None, overrides: dict | No
   newest = "" if step is None or restored_step == step else f" (the newest at or before --step={step})"
   log(f"evaluating {workdir / 'checkpoints' / str(restored_step)}{newest}")
   evaluator = RunEvaluator(config, model, mesh, log=log, cache_dir=workdir / "features")
+  evaluator.check_splits()
   baseline = train.random_init_variables(model, config, mesh) if config.random_init_baseline else None
   report = evaluator.report(train.variables_of(state), restored_step, baseline)
   report["step"] = int(restored_step)

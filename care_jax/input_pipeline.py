@@ -5,8 +5,11 @@ Sources, by the config's `dataset` string:
                           /usr/share/datasets/fashion-mnist (apt-get install
                           dataset-fashion-mnist), else a prepared tfds copy
   cifar10, cifar100, stl10, any tfds name with split syntax ('train[:10%]')
-  npz:/path/file.npz      arrays 'images' [N, H, W(, C)] uint8 and 'labels' [N]
-  folder:/path/to/root    one sub-folder per class of image files
+  npz:/path/file.npz      arrays 'images' [N, H, W(, C)] uint8 and 'labels' [N] (one
+                          set, sliced by the split spec), or such a pair per split
+                          (train_images + train_labels, ...; Keras' x_train + y_train)
+  folder:/path/to/root    one sub-folder per class of image files (one set), or
+                          one per split of those (root/train/<class>/, root/val/...)
 The in-memory reads of fashion_mnist and npz need no TensorFlow and live in
 care_jax/datasets.py; tfds names and folders are decoded here (load_tfds,
 load_folder), and imagenet2012 / imagenet100 are streamed for pretraining.
@@ -32,7 +35,7 @@ from care_jax.augment_config import DATASET_STATS, augment_config, dataset_stats
 # The TF-free in-memory sources and evaluation batches, re-exported: one import for a tf.data user.
 from care_jax.datasets import (FASHION_MNIST_DIR, ArrayDataset, DatasetUnavailableError,  # noqa: F401
                                eval_batches, load_dataset, load_fashion_mnist_idx, normalized, resize_uint8,
-                               steps_per_epoch, to_uint8)
+                               select_split, steps_per_epoch, to_uint8)
 
 # The release's ImageNet-100: CMC's 100 ImageNet-1k classes (github.com/HobbitLong/CMC, issue 21).
 IMAGENET100_CLASSES = tuple("""
@@ -153,17 +156,44 @@ def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool, im
 FOLDER_IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what tf.image.decode_image reads
 
 
-def load_folder(root: str, image_size: int):
+def _image_files(folder: str) -> list:
+  # Image files only, as torchvision's ImageFolder: a README or .DS_Store beside them is no sample.
+  return sorted(f for f in os.listdir(folder) if f.lower().endswith(FOLDER_IMAGE_TYPES)
+                and os.path.isfile(os.path.join(folder, f)))
+
+
+def _subfolders(folder: str) -> list:
+  return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+
+
+def load_folder(root: str, image_size: int, split: str = "train"):
+  """(images, labels, classes, rows) of a folder source and split spec.
+
+  Two layouts: root/<class>/<image> is one set of examples that every split name
+  reads (slices apply: train[:90%], test[90%:]); root/<split>/<class>/<image>
+  (ImageNet's train/ and val/) gives each split its folder. Classes are numbered in
+  sorted order over every split's class folders, so all splits share one labelling.
+  Only the rows the spec selects are decoded."""
   if not os.path.isdir(root):
     raise DatasetUnavailableError(f"dataset: image folder {root!r} does not exist; give folder:/path with one sub-folder per class")
-  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-  if not classes:
+  top = _subfolders(root)
+  if not top:
     raise DatasetUnavailableError(f"dataset: image folder {root!r} has no class sub-folders")
-  images, labels = [], []
-  for label, cls in enumerate(classes):
-    # Image files only, as torchvision's ImageFolder: a README or .DS_Store beside them is no sample.
-    for fname in sorted(f for f in os.listdir(os.path.join(root, cls)) if f.lower().endswith(FOLDER_IMAGE_TYPES)):
-      path = os.path.join(root, cls, fname)
+  # Split folders hold class folders and no images of their own; class folders hold images.
+  by_split = not any(_image_files(os.path.join(root, d)) for d in top) and all(
+      _subfolders(os.path.join(root, d)) for d in top)
+  folders = {d: os.path.join(root, d) for d in top} if by_split else {"": root}
+  classes = sorted({c for folder in folders.values() for c in _subfolders(folder)})
+  files = {name: [(os.path.join(folder, c, f), label) for label, c in enumerate(classes)
+                  if os.path.isdir(os.path.join(folder, c)) for f in _image_files(os.path.join(folder, c))]
+           for name, folder in folders.items()}
+  if not any(files.values()):
+    raise DatasetUnavailableError(f"dataset: image folder {root!r} has no {'/'.join(FOLDER_IMAGE_TYPES)} files "
+                                  "in its class sub-folders")
+
+  def read(name: str, rows):
+    images = []
+    for path, _ in (files[name][r] for r in rows):
       try:
         img = tf.image.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
       except tf.errors.InvalidArgumentError as e:
@@ -171,11 +201,11 @@ def load_folder(root: str, image_size: int):
         raise DatasetUnavailableError(f"dataset: {path!r} does not decode as an image ({why}); replace or remove "
                                       "it") from None
       images.append(resize_uint8(img[None], image_size)[0])
-      labels.append(label)
-  if not images:
-    raise DatasetUnavailableError(f"dataset: image folder {root!r} has no {'/'.join(FOLDER_IMAGE_TYPES)} files "
-                                  "in its class sub-folders")
-  return np.stack(images), np.asarray(labels, np.int32), len(classes)
+    labels = np.asarray([files[name][r][1] for r in rows], np.int32)
+    return np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8), labels
+
+  images, labels, rows = select_split(split, f"folder:{root}", {k: len(v) for k, v in files.items()}, read)
+  return images, labels, len(classes), rows
 
 
 # ------------------------------------------------------------------ batches

@@ -217,6 +217,9 @@ def _smoke_model_and_variables(**overrides):
   from care_jax import config_lib, train
   config = config_lib.load_config_file(evaluate.config_lib.__file__.replace("care_jax/config_lib.py", "configs/quickstart.py"),
                                        "smoke")
+  if str(overrides.get("dataset", "")).startswith("npz:"):
+    # The preset's slices (train[:2048], test[:1024]) are Fashion-MNIST's; a small archive is read whole.
+    config.eval_train_split, config.test_split = "train", "test"
   for k, v in overrides.items():
     config[k] = v
   model = train.build_model(config)
@@ -306,6 +309,33 @@ def test_the_evaluator_scores_the_augmented_probe_under_the_statistics_it_left(t
     features = model.apply(probed, evaluate.datasets.normalized(test_images, evaluator.aug), train=False)[0]
     assert top1 == pytest.approx(evaluate.probe_accuracy(clf, features, labels, 3)["top1"])
   assert not evaluator._features  # nothing cached: the test features depend on the probe's statistics
+
+
+def test_test_examples_also_in_the_train_split_are_counted_and_warned_about(tmp_path):
+  # An npz of one set serves every split name: its 'test' split is the training images.
+  from jax.sharding import Mesh
+  rng = np.random.default_rng(3)
+  images, labels = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), rng.integers(0, 3, 40)
+  one, named = tmp_path / "one.npz", tmp_path / "named.npz"
+  np.savez(one, images=images, labels=labels)
+  np.savez(named, train_images=images[:30], train_labels=labels[:30], test_images=images[30:], test_labels=labels[30:])
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  for dataset, splits, shared in ((one, {}, 40), (one, dict(eval_train_split="train[:30]", test_split="test[25:]"), 5),
+                                  (one, dict(eval_train_split="train[:75%]", test_split="test[75%:]"), 0),
+                                  (named, {}, 0)):
+    config, model, _ = _smoke_model_and_variables(dataset=f"npz:{dataset}", **splits)
+    logs = []
+    evaluator = evaluate.RunEvaluator(config, model, mesh, log=logs.append)
+    evaluator.check_splits()
+    assert evaluator.test_examples_in_train_split() == shared
+    if shared:
+      test_split = splits.get("test_split", config.test_split)
+      assert logs == [f"warning: {shared} of the {len(evaluator.data(test_split).labels)} test_split={test_split!r} examples "
+                      f"are also in the kNN bank / probe split {config.eval_train_split or config.train_split!r} of "
+                      f"npz:{dataset}: the test accuracies are partly training accuracies; slice the source apart "
+                      "(train[:90%], test[90%:]) or give it separate splits"]
+    else:
+      assert logs == []
 
 
 def test_the_features_cache_on_disk_serves_only_the_weights_that_made_it_and_survives_damage(tmp_path, monkeypatch):
