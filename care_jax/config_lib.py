@@ -194,9 +194,10 @@ def _positive(config, field: str) -> None:
 
 def validate(config, num_devices: int = 1) -> None:
   """Raises ConfigError for the first bad field. Reads no data, starts no JAX work."""
-  for field in ("batch_size", "equiv_splits", "eval_batch_size", "log_every_steps", "proj_dim",
-                "proj_hidden_dim", "knn_k", "image_size"):
+  for field in ("batch_size", "equiv_splits", "eval_batch_size", "log_every_steps", "proj_hidden_dim", "knn_k",
+                "image_size"):
     _at_least(config, field, 1)
+  _at_least(config, "proj_dim", 2, " (a point of a sphere or hyperboloid of dimension >= 1)")
   for field in ("num_epochs", "num_train_steps", "warmup_epochs", "weight_decay", "equiv_weight", "equiv_batch_size",
                 "equiv_augment_pairs", "eval_every_steps", "checkpoint_every_steps", "linear_probe_epochs", "wahba_trials",
                 "momentum", "knn_monitor_examples", "linear_probe_weight_decay", "source_image_size"):
@@ -283,8 +284,6 @@ def validate(config, num_devices: int = 1) -> None:
     if equiv and equiv // splits < 2:
       raise ConfigError(f"equiv_batch_size={equiv} gives chunks of {equiv // splits} image "
                         f"(equiv_splits={splits}); a chunk needs >= 2 images: use equiv_batch_size >= {2 * splits}")
-  if config.proj_dim < 2:
-    raise ConfigError(f"proj_dim={config.proj_dim} must be >= 2")
   if config.geometry == "symplectic" and config.proj_dim % 2:
     raise ConfigError(f"proj_dim={config.proj_dim} must be even for geometry='symplectic'; "
                       f"set --config.proj_dim={config.proj_dim + 1}")
