@@ -5,8 +5,9 @@ temporary directory into place, so a process killed mid-save leaves the
 previous checkpoints intact; leftover temporary directories are deleted when the
 manager opens). Restoring walks back from the newest step: an unreadable
 checkpoint is reported, moved aside to workdir/checkpoints_unreadable/<step>
-(never deleted) and the one before it is used. Paths go through etils.epath, so
-gs:// work directories behave like local ones.
+(<step>.1, ... beside an earlier copy; never deleted) and the one before it is
+used. Paths go through etils.epath, so gs:// work directories behave like local
+ones.
 
 Arrays are written by one replica unless they are large: orbax's default on CPU
 and TPU splits every replicated array across its R replicas with one eager
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import sys
@@ -203,9 +205,9 @@ class Checkpointer:
         if self._read_only:
           self._log(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {reason}); trying the previous one")
           continue
-        self._set_aside(step)
+        aside = self._set_aside(step)
         self._log(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {reason}); "
-                  f"moved it to {self._aside_dir() / str(step)} and trying the previous one")
+                  f"moved it to {aside} and trying the previous one")
     if steps:
       raise CheckpointError(f"no readable checkpoint in {self.directory} (tried steps {steps}); "
                             f"move the directory away to start afresh")
@@ -237,19 +239,27 @@ class Checkpointer:
   def _aside_dir(self) -> epath.Path:
     return self.directory.parent / "checkpoints_unreadable"
 
-  def _set_aside(self, step: int) -> None:
+  def _aside_path(self, step: int) -> epath.Path:
+    """checkpoints_unreadable/<step>, or <step>.1, .2, ... beside an earlier run's copy
+    of that step (set aside, never deleted)."""
+    aside = self._aside_dir()
+    candidates = (aside / (str(step) + (f".{n}" if n else "")) for n in itertools.count())
+    return next(path for path in candidates if not path.exists())
+
+  def _set_aside(self, step: int) -> epath.Path:
+    """Moves step's directory into checkpoints_unreadable; returns where it went."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    sync = (lambda name: multihost_utils.sync_global_devices(f"care_jax_checkpoint_aside_{step}_{name}")
+            if jax.process_count() > 1 else None)
+    target = self._aside_path(step)  # named by every process before process 0 moves anything
+    sync("named")
     if jax.process_index() == 0:
-      aside = self._aside_dir()
-      aside.mkdir(parents=True, exist_ok=True)
-      target = aside / str(step)
-      if target.exists():
-        target.rmtree()
+      self._aside_dir().mkdir(parents=True, exist_ok=True)
       (self.directory / str(step)).rename(target)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"care_jax_checkpoint_aside_{step}")
+    sync("moved")
     self._manager.close()
     self._manager = self._open()
+    return target
 
   def wait(self) -> None:
     with self._writes():

@@ -162,3 +162,72 @@ def test_a_read_only_checkpointer_opens_without_orbax_warnings_and_reads(tmp_pat
   assert step == 3 and np.array_equal(restored["kernel"], state["kernel"])
   assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
   assert logging.getLogger("absl").level == logging.INFO  # the level is the caller's again
+
+
+def _corrupt(step_dir):
+  for f in step_dir.rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+
+
+def test_restore_walks_back_from_the_newest_readable_step_and_moves_aside_only_when_writable(tmp_path):
+  import pytest  # noqa: PLC0415
+  state = _replicated_state(big_rows=8)
+  at = lambda step: jax.tree.map(lambda x: x * step if x.dtype == jnp.float32 else x + step, state)
+  directory = tmp_path / "checkpoints"
+  writer = checkpoints.Checkpointer(directory, keep=3, async_save=False)
+  for step in (2, 4, 6):
+    writer.save(step, at(step))
+  writer.save(4, at(40))  # a step saved already (the final step equal to a periodic one): kept as it was
+  writer.close()
+  logs = []
+  open_ = lambda **kw: checkpoints.Checkpointer(directory, keep=3, log=logs.append, **kw)
+
+  def restore(reader, like=state, **kw):
+    try:
+      return reader.restore_latest(like, **kw)
+    finally:
+      reader.close()
+
+  for at_most, want in ((None, 6), (5, 4), (4, 4), (3, 2)):
+    restored, step = restore(open_(read_only=True), at_most=at_most)
+    assert step == want
+    np.testing.assert_array_equal(restored["big"], at(want)["big"])
+    assert int(restored["step"]) == 7 + want
+  assert restore(open_(read_only=True), at_most=1) == (None, None)
+  assert logs == []
+
+  # Another config's state (a wider model): refused before any array is read, nothing moved.
+  wider = dict(state, kernel=jnp.zeros((3, 3, 4, 16)))
+  with pytest.raises(checkpoints.CheckpointError, match=r"checkpoint at step 6 .* holds a different train state "
+                                                        r"than this config builds \(kernel: saved with shape "
+                                                        r"\(3, 3, 4, 8\), this config's is \(3, 3, 4, 16\)"):
+    restore(open_(read_only=True), wider)
+
+  _corrupt(directory / "6")
+  restored, step = restore(open_(read_only=True))  # an evaluation of a run: reads, moves nothing
+  assert step == 4 and np.array_equal(restored["big"], at(4)["big"])
+  assert len(logs) == 1 and logs[0].startswith("checkpoint at step 6 is unreadable (")
+  assert logs[0].endswith("; trying the previous one") and (directory / "6").is_dir()
+  assert not (tmp_path / "checkpoints_unreadable").exists()
+  logs.clear()
+  restored, step = restore(open_())  # a resumed run: the damaged step is set aside, never deleted
+  assert step == 4 and np.array_equal(restored["kernel"], at(4)["kernel"])
+  assert len(logs) == 1 and logs[0].endswith(f"moved it to {tmp_path / 'checkpoints_unreadable' / '6'} and trying "
+                                             "the previous one")
+  assert not (directory / "6").exists() and (tmp_path / "checkpoints_unreadable" / "6").is_dir()
+  # The rerun saves a step 6 again, which is damaged too: kept beside the first copy.
+  writer = checkpoints.Checkpointer(directory, keep=3, async_save=False)
+  writer.save(6, at(6))
+  writer.close()
+  _corrupt(directory / "6")
+  logs.clear()
+  assert restore(open_())[1] == 4
+  assert logs[0].endswith(f"moved it to {tmp_path / 'checkpoints_unreadable' / '6.1'} and trying the previous one")
+  assert sorted(p.name for p in (tmp_path / "checkpoints_unreadable").iterdir()) == ["6", "6.1"]
+
+  for step in (2, 4):
+    _corrupt(directory / str(step))
+  with pytest.raises(checkpoints.CheckpointError, match=r"no readable checkpoint in .* \(tried steps \[2, 4\]\); "
+                                                        r"move the directory away to start afresh$"):
+    restore(open_(read_only=True))
