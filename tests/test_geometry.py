@@ -69,6 +69,10 @@ def test_relative_equivariance_matches_brute_force_and_is_zero_for_rotations():
   z = _sphere(rng, 9, 4)
   za = _sphere(rng, 9, 4)
   np.testing.assert_allclose(geometry.relative_equivariance(z, za), np_gamma(z, za), rtol=1e-4)
+  # Small moves (the trained encoders' regime): every denominator far below 1.
+  nearby = z + 0.05 * rng.normal(size=z.shape)
+  nearby /= np.linalg.norm(nearby, axis=1, keepdims=True)
+  np.testing.assert_allclose(geometry.relative_equivariance(z, nearby), np_gamma(z, nearby), rtol=1e-3)
   rotated = z @ _rotation(rng, 4).T
   assert geometry.relative_equivariance(z, rotated) < 1e-6
   # Unmoved points contribute 0 rather than NaN.
