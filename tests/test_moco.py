@@ -132,7 +132,7 @@ def test_step_on_one_and_eight_devices_is_the_gradient_of_the_loss_with_keys_hel
               "batch_stats": state0.moco["batch_stats"]}
   perm = jax.random.permutation(jax.random.fold_in(state0.rng, 0), config.batch_size)
   apply = _train_apply(model)
-  keys_shuffled, _ = _grouped_reference(apply, key_vars, jnp.asarray(batch["x2"])[perm], 2)
+  keys_shuffled, key_stats = _grouped_reference(apply, key_vars, jnp.asarray(batch["x2"])[perm], 2)
   keys = keys_shuffled[jnp.argsort(perm)]
 
   def loss(params):
@@ -145,11 +145,19 @@ def test_step_on_one_and_eight_devices_is_the_gradient_of_the_loss_with_keys_hel
                   if use_equi else 0.0)
 
   grads = jax.jit(jax.grad(loss))(state0.params)  # jit: eager op-by-op took a minute
+  # The running statistics: the query encoder's follow its passes in order (x1, then e1, e2),
+  # the key encoder's its own shuffled pass (group 0 of the permuted batch).
+  query_stats = state0.batch_stats
+  for view in ("x1", "e1", "e2") if use_equi else ("x1",):
+    _, query_stats = _grouped_reference(apply, {"params": state0.params, "batch_stats": query_stats},
+                                        jnp.asarray(batch[view]), 2)
   expected = jax.tree.map(lambda p, g: p - config.learning_rate * g, state0.params, grads)
   one_device, eight_devices = {}, {}
   state1, metrics1 = _run(config, jax.devices()[:1], batch, programs=one_device)
   state8, metrics8 = _run(config, jax.devices(), batch, programs=eight_devices)
   _assert_same_updates(state8.params, expected, state0.params, rtol=5e-4)
+  _assert_same_updates(state8.batch_stats, query_stats, state0.batch_stats, rtol=5e-4)
+  _assert_same_updates(state8.moco["batch_stats"], key_stats, state0.moco["batch_stats"], rtol=5e-4)
   np.testing.assert_allclose(state8.moco["queue"][:config.batch_size], keys, rtol=1e-4, atol=1e-5)
   # One and eight devices: the same step to float32 round-off. Data-parallel,
   # the shuffled key pass included: each device does about an eighth of the
