@@ -299,15 +299,17 @@ def test_streamed_evaluation_matches_the_in_memory_split_and_features():
 @pytest.fixture(scope="module")
 def tiny_tfds_dir(tmp_path_factory):
   """A real tfds dataset on disk, as tfds' mock data ignores split slicing, which the
-  per-process parts are made of: 21 images of 3 classes in two configs,
+  per-process parts are made of: 21 images of 3 classes in three configs,
   'tiny_images/any_size' (a 'validation' split of sides 12-29, declared of unknown size
-  as ImageNet's, so its evaluation view is a resize and centre crop) and
-  'tiny_images/square' ('train', 16x16: the lincls views' whole-image crops)."""
+  as ImageNet's, so its evaluation view is a resize and centre crop),
+  'tiny_images/square' ('train', 16x16: the lincls views' whole-image crops) and
+  'tiny_images/same' ('train', one 16x16 image 21 times: views differ by their
+  augmentation alone)."""
   import tensorflow_datasets as tfds  # noqa: PLC0415
 
   class TinyImages(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="any_size"), tfds.core.BuilderConfig(name="square")]
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n) for n in ("any_size", "square", "same")]
 
     def _info(self):
       shape = (None, None, 3) if self.builder_config.name == "any_size" else (16, 16, 3)
@@ -320,9 +322,11 @@ def tiny_tfds_dir(tmp_path_factory):
 
     def _generate_examples(self, any_size):
       rng = np.random.default_rng(0 if any_size else 1)
+      same = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
       for i in range(21):
         h, w = rng.integers(12, 30, 2) if any_size else (16, 16)
-        yield i, {"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "label": i % 3}
+        image = same if self.builder_config.name == "same" else rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        yield i, {"image": image, "label": i % 3}
 
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   for config in TinyImages.BUILDER_CONFIGS:
@@ -363,6 +367,21 @@ def test_streamed_evaluation_parts_of_several_processes_cover_each_example_once(
   assert ip.streaming_num_examples("tiny_images/any_size", "validation[:5]+validation[10:]", tiny_tfds_dir) == 16
 
 
+def test_streamed_pretraining_views_of_two_processes_are_drawn_apart(tiny_tfds_dir):
+  # One image 21 times, crops alone: a row's x1 / x2 differ from another's by its box. Each
+  # process's stream numbers its own examples from 0, so its draws must also depend on
+  # the process, or the two halves of every global batch would share their crops.
+  aug = augment.AugmentConfig(image_size=16, equiv_crop=False, flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0,
+                              blur_prob=0.0)  # the crop is each row's only random transform
+  halves = [next(ip.streaming_pretraining_dataset(
+      "tiny_images/same", "train", data_dir=tiny_tfds_dir, download=False, seed=0, global_batch=8, num_chunks=2,
+      aug=aug, num_steps=1, process_index=p, process_count=2, shuffle_buffer=8).as_numpy_iterator()) for p in (0, 1)]
+  for view in ("x1", "x2"):
+    rows = np.concatenate([h[view] for h in halves])
+    assert len({x.tobytes() for x in rows}) == 8, view  # every row of the global batch its own crop
+    assert not np.allclose(halves[0][view], halves[1][view])
+
+
 def test_streamed_lincls_views_cover_each_example_once_and_train_as_the_in_memory_probe(tiny_tfds_dir):
   # MoCo lincls' training views of a streamed split (ImageNet-100's probe).
   import jax  # noqa: PLC0415
@@ -391,6 +410,12 @@ def test_streamed_lincls_views_cover_each_example_once_and_train_as_the_in_memor
   first = [next(stream(default, epoch)) for epoch in (0, 1)]
   assert not np.array_equal(first[0]["labels"], first[1]["labels"])
   assert next(stream(default, 0))["images"].tobytes() == first[0]["images"].tobytes()  # and reproducible
+  # One image 21 times: the views differ by their crops and flips alone, which differ per epoch.
+  same = [next(ip.streaming_lincls_batches("tiny_images/same", "train", data_dir=tiny_tfds_dir, download=False,
+                                           aug=default, global_batch=8, seed=0, epoch=epoch))["images"]
+          for epoch in (0, 1)]
+  assert all(len({x.tobytes() for x in views}) == 8 for views in same)
+  assert not any(np.array_equal(a, b) for a, b in zip(*same))
 
   # The probe on the stream equals the probe on the split in memory when a batch holds the
   # whole split (one step an epoch: the mean gradient is order-free), short batch masked.
