@@ -46,8 +46,8 @@ class ArrayDataset:
   images: np.ndarray  # uint8 [N, S, S, 3]
   labels: np.ndarray  # int32 [N]
   num_classes: int
-  # {split name ("" for a source of one set): row indices read}, for the local
-  # sources; None for tfds ones (their splits are disjoint by construction).
+  # {split name ("" for a source of one set): row indices read}; None where not known
+  # (a tfds split spec in a syntax beyond parse_split's, e.g. shards).
   rows: Optional[dict] = None
 
 
@@ -151,22 +151,33 @@ def select_split(spec: str, source: str, split_sizes: dict, read) -> tuple:
   holding one set of examples that every split name reads (a plain npz, a folder of
   class folders); read(name, rows) -> (images, labels) of those rows. rows:
   {split name: row indices read}, to find examples two specs share."""
-  images, labels, rows = [], [], {}
+  parts = split_rows(spec, source, split_sizes)
+  images, labels = zip(*(read(key, taken) for key, taken in parts))
+  return np.concatenate(images), np.concatenate(labels), rows_by_split(parts)
+
+
+def rows_by_split(parts) -> dict:
+  """split_rows' parts as {split name: the row indices read from it, in order}."""
+  rows = {}
+  for key, taken in parts:
+    rows[key] = np.concatenate([rows.get(key, np.zeros(0, np.int64)), taken])
+  return rows
+
+
+def split_rows(spec: str, source: str, split_sizes: dict) -> list:
+  """[(split name, row indices)] of each part of a spec (select_split's split_sizes)."""
+  parts = []
   for part in parse_split(spec):
     key = "" if set(split_sizes) == {""} else part.name
     if key not in split_sizes:
       raise DatasetUnavailableError(f"dataset: {source} has no split {part.name!r} (in {spec!r}); its splits are "
                                     f"{', '.join(sorted(split_sizes))}.{config_lib.did_you_mean(part.name, split_sizes)}")
-    taken = part.rows(split_sizes[key], spec, source)
-    part_images, part_labels = read(key, taken)
-    images.append(part_images)
-    labels.append(part_labels)
-    rows[key] = np.concatenate([rows.get(key, np.zeros(0, np.int64)), taken])
-  return np.concatenate(images), np.concatenate(labels), rows
+    parts.append((key, part.rows(split_sizes[key], spec, source)))
+  return parts
 
 
 def shared_examples(a: "ArrayDataset", b: "ArrayDataset") -> Optional[int]:
-  """How many examples two loaded specs of one source both read (None: not known, a tfds source)."""
+  """How many examples two loaded specs of one source both read (None: not known)."""
   if a.rows is None or b.rows is None:
     return None
   return sum(len(np.intersect1d(a.rows[k], b.rows[k])) for k in set(a.rows) & set(b.rows))
@@ -297,7 +308,7 @@ def load_dataset(name: str, split: str, image_size: int, data_dir: Optional[str]
     except FileNotFoundError:
       from care_jax import input_pipeline  # noqa: PLC0415 (TensorFlow: a prepared tfds copy)
       try:
-        images, labels, classes = input_pipeline.load_tfds(name, split, data_dir, download, image_size)
+        images, labels, classes, rows = input_pipeline.load_tfds(name, split, data_dir, download, image_size)
       except DatasetUnavailableError:
         raise DatasetUnavailableError(
             f"dataset: fashion_mnist not found: install Debian's files (apt-get install -y dataset-fashion-mnist, "
@@ -308,7 +319,7 @@ def load_dataset(name: str, split: str, image_size: int, data_dir: Optional[str]
     if name.startswith("folder:"):
       images, labels, classes, rows = input_pipeline.load_folder(name[7:], image_size, split)
     else:
-      images, labels, classes = input_pipeline.load_tfds(name, split, data_dir, download, image_size)
+      images, labels, classes, rows = input_pipeline.load_tfds(name, split, data_dir, download, image_size)
   if len(images) == 0:
     raise DatasetUnavailableError(f"dataset: {name!r} split {split!r} is empty")
   return ArrayDataset(to_rgb_size(images, image_size), labels, classes, rows)

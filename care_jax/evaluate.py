@@ -611,7 +611,7 @@ class RunEvaluator:
 
   def test_examples_in_train_split(self) -> Optional[int]:
     """Test examples the kNN bank / probe split also holds (a local source of one set of
-    examples, or overlapping slices); None where not known (tfds splits, streamed data)."""
+    examples, or overlapping slices of one split); None where not known (streamed data)."""
     if self.streaming:
       return None
     c = self.config

@@ -35,7 +35,8 @@ from care_jax.augment_config import DATASET_STATS, augment_config, dataset_stats
 # The TF-free in-memory sources and evaluation batches, re-exported: one import for a tf.data user.
 from care_jax.datasets import (FASHION_MNIST_DIR, ArrayDataset, DatasetUnavailableError,  # noqa: F401
                                eval_batches, load_dataset, load_fashion_mnist_idx, normalized, resize_uint8,
-                               select_split, steps_per_epoch, to_uint8)
+                               rows_by_split, select_split, split_rows, steps_per_epoch,
+                               to_uint8)
 
 # The release's ImageNet-100: CMC's 100 ImageNet-1k classes (github.com/HobbitLong/CMC, issue 21).
 IMAGENET100_CLASSES = tuple("""
@@ -150,7 +151,20 @@ def load_tfds(name: str, split: str, data_dir: Optional[str], download: bool, im
   labels = data.get("label", np.full(len(data["image"]), -1))
   num_classes = subset_classes or (builder.info.features["label"].num_classes if "label" in builder.info.features
                                    else 0)
-  return data["image"], np.asarray(labels, np.int32), num_classes
+  return data["image"], np.asarray(labels, np.int32), num_classes, _tfds_rows(builder, name, split)
+
+
+def _tfds_rows(builder, name: str, split: str) -> Optional[dict]:
+  """{split: row indices} a spec reads, from the split sizes alone (datasets.split_rows
+  resolves specs as tfds does); None without split metadata, for a spec beyond its
+  syntax (shards), or for imagenet100, whose rows are those of its class filter."""
+  sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
+  if not sizes or name == "imagenet100":
+    return None
+  try:
+    return rows_by_split(split_rows(split, name, sizes))
+  except DatasetUnavailableError:
+    return None
 
 
 FOLDER_IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what tf.image.decode_image reads

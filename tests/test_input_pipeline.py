@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from care_jax import augment, config_lib, input_pipeline as ip
+from care_jax import augment, config_lib, datasets, input_pipeline as ip
 
 HAVE_FMNIST = os.path.exists(os.path.join(ip.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
 
@@ -365,6 +365,14 @@ def test_streamed_evaluation_parts_of_several_processes_cover_each_example_once(
   with pytest.raises(ip.DatasetUnavailableError, match=r"no split 'test' \(in 'test'\); its splits are validation.$"):
     ip.check_split("tiny_images/any_size", "test", tiny_tfds_dir)
   assert ip.streaming_num_examples("tiny_images/any_size", "validation[:5]+validation[10:]", tiny_tfds_dir) == 16
+
+
+def test_slices_of_one_tfds_split_know_the_examples_they_share(tiny_tfds_dir):
+  read = lambda spec: ip.load_dataset("tiny_images/any_size", spec, 16, data_dir=tiny_tfds_dir)  # noqa: E731
+  head, tail, whole = read("validation[:15]"), read("validation[10:]"), read("validation")
+  np.testing.assert_array_equal(head.rows["validation"], np.arange(15))
+  np.testing.assert_array_equal(tail.images, whole.images[10:])  # rows as tfds numbers them
+  assert datasets.shared_examples(head, tail) == 5 and datasets.shared_examples(read("validation[-6:]"), head) == 0
 
 
 def test_streamed_pretraining_views_of_two_processes_are_drawn_apart(tiny_tfds_dir):
