@@ -202,7 +202,9 @@ def test_batchnorm_values_running_stats_and_gradients_match_float64_closed_forms
   tol = dict(rtol=1e-4, atol=1e-4 * (1 + offset / (100 * spread)))
   np.testing.assert_allclose(np.asarray(y), x_hat * scale + bias, **tol)
   np.testing.assert_allclose(np.asarray(stats["mean"]), 0.1 * mean, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(stats["var"]), 0.9 + 0.1 * var, rtol=1e-5)
+  # The running variance is torch's: the unbiased batch variance (ddof=1), where flax keeps the biased one.
+  running_var = 0.9 + 0.1 * x64.var(axis=axes, ddof=1)
+  np.testing.assert_allclose(np.asarray(stats["var"]), running_var, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(g_params["bias"]), w64.sum(axis=axes), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(g_params["scale"]), (w64 * x_hat).sum(axis=axes), **tol)
   g_x_expected = scale / sigma * (w64 - w64.mean(axis=axes) - x_hat * (w64 * x_hat).mean(axis=axes))
@@ -210,7 +212,7 @@ def test_batchnorm_values_running_stats_and_gradients_match_float64_closed_forms
   # Inference mode normalises with the running statistics.
   eval_norm = resnet._norm(train=False, dtype=jnp.float32)
   y_eval = eval_norm.apply({"params": params, "batch_stats": stats}, x)
-  np.testing.assert_allclose(np.asarray(y_eval), (x64 - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var + 1e-5) * scale + bias,
+  np.testing.assert_allclose(np.asarray(y_eval), (x64 - 0.1 * mean) / np.sqrt(running_var + 1e-5) * scale + bias,
                              rtol=1e-5, atol=1e-5)
 
 
@@ -264,7 +266,7 @@ def test_batchnorm_over_interleaved_views_normalises_each_view_alone(views, grou
       expected = scale / sigma * (wv - wv.mean(axis=(0, 1, 2)) - x_hat * (wv * x_hat).mean(axis=(0, 1, 2)))
       np.testing.assert_allclose(np.asarray(g_x)[rows], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
       if g == 0:
-        mean_run, var_run = 0.9 * mean_run + 0.1 * mean, 0.9 * var_run + 0.1 * var
+        mean_run, var_run = 0.9 * mean_run + 0.1 * mean, 0.9 * var_run + 0.1 * xv.var(axis=(0, 1, 2), ddof=1)
   np.testing.assert_allclose(np.asarray(stats["mean"]), mean_run, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(stats["var"]), var_run, rtol=1e-5)
   with pytest.raises(ValueError, match=f"do not hold {views} interleaved views"):
@@ -306,9 +308,8 @@ class _NumpyTorchvision:
     if self.train:
       axes = tuple(range(x.ndim - 1))
       mean, var = x.mean(axis=axes), x.var(axis=axes)
-      # momentum 0.1 on the biased batch variance: flax's running-average rule
-      # (torch's uses the unbiased one, n / (n - 1): under 0.4% for n >= 256).
-      self.new_stats[path] = (0.9 * s["mean"] + 0.1 * mean, 0.9 * s["var"] + 0.1 * var)
+      # torch's running averages: momentum 0.1, the variance unbiased (ddof=1).
+      self.new_stats[path] = (0.9 * s["mean"] + 0.1 * mean, 0.9 * s["var"] + 0.1 * x.var(axis=axes, ddof=1))
     else:
       mean, var = s["mean"], s["var"]
     return (x - mean) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"]
