@@ -197,7 +197,7 @@ def validate(config, num_devices: int = 1) -> None:
   for field in ("batch_size", "equiv_splits", "eval_batch_size", "log_every_steps", "proj_hidden_dim", "knn_k",
                 "image_size"):
     _at_least(config, field, 1)
-  _at_least(config, "proj_dim", 2, " (a point of a sphere or hyperboloid of dimension >= 1)")
+  _at_least(config, "proj_dim", 2, " (embeddings on the unit sphere S^(d-1) need d >= 2)")
   for field in ("num_epochs", "num_train_steps", "warmup_epochs", "weight_decay", "equiv_weight", "equiv_batch_size",
                 "equiv_augment_pairs", "eval_every_steps", "checkpoint_every_steps", "linear_probe_epochs", "wahba_trials",
                 "momentum", "knn_monitor_examples", "linear_probe_weight_decay", "source_image_size"):

@@ -63,7 +63,7 @@ REFUSALS = [
     (SMOKE, dict(equiv_batch_size=12), 8, "equiv_batch_size", "equiv_batch_size=12 is not divisible by equiv_splits=8"),
     (SMOKE, dict(equiv_augment_pairs=3), 8, "equiv_augment_pairs", "equiv_augment_pairs=3 does not divide"),
     (SMOKE, dict(equiv_batch_size=8), 8, "equiv_batch_size", "equiv_batch_size=8 gives chunks of 1 image"),
-    (SMOKE, dict(proj_dim=1), 8, "proj_dim", "proj_dim=1 must be a number >= 2 (a point of a sphere"),
+    (SMOKE, dict(proj_dim=1), 8, "proj_dim", "proj_dim=1 must be a number >= 2 (embeddings on the unit sphere"),
     (SMOKE, dict(geometry="symplectic", proj_dim=15), 8, "proj_dim",
      "proj_dim=15 must be even for geometry='symplectic'; set --config.proj_dim=16"),
     (MOCO, dict(geometry="hyperboloid"), 8, "geometry", "geometry='hyperboloid' works with objective care or simclr"),
