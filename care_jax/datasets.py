@@ -170,10 +170,15 @@ def split_rows(spec: str, source: str, split_sizes: dict) -> list:
   for part in parse_split(spec):
     key = "" if set(split_sizes) == {""} else part.name
     if key not in split_sizes:
-      raise DatasetUnavailableError(f"dataset: {source} has no split {part.name!r} (in {spec!r}); its splits are "
-                                    f"{', '.join(sorted(split_sizes))}.{config_lib.did_you_mean(part.name, split_sizes)}")
+      raise unknown_split_error(source, part.name, spec, split_sizes)
     parts.append((key, part.rows(split_sizes[key], spec, source)))
   return parts
+
+
+def unknown_split_error(source: str, name: str, spec: str, known) -> DatasetUnavailableError:
+  """The one line for a spec naming a split the source lacks, with the closest one it has."""
+  return DatasetUnavailableError(f"dataset: {source} has no split {name!r} (in {spec!r}); its splits are "
+                                 f"{', '.join(sorted(known))}.{config_lib.did_you_mean(name, known)}")
 
 
 def shared_examples(a: "ArrayDataset", b: "ArrayDataset") -> Optional[int]:
@@ -196,8 +201,7 @@ def load_fashion_mnist_idx(split: str, directory: str = FASHION_MNIST_DIR):
   if not files:
     raise FileNotFoundError(directory)
   wanted = {part.name for part in parse_split(split)}
-  unknown = sorted(wanted - set(prefixes))
-  if unknown:
+  if wanted - set(prefixes):
     raise DatasetUnavailableError(f"dataset: fashion_mnist split must be 'train' or 'test' (optionally sliced, "
                                   f"'train[:2000]'), got {split!r}")
   if wanted - set(files):  # e.g. a data_dir with the test files only: a prepared tfds copy may have both

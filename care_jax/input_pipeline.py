@@ -36,7 +36,7 @@ from care_jax.augment_config import DATASET_STATS, augment_config, dataset_stats
 from care_jax.datasets import (FASHION_MNIST_DIR, ArrayDataset, DatasetUnavailableError,  # noqa: F401
                                eval_batches, load_dataset, load_fashion_mnist_idx, normalized, resize_uint8,
                                rows_by_split, select_split, split_rows, steps_per_epoch,
-                               to_uint8)
+                               to_uint8, unknown_split_error)
 
 # The release's ImageNet-100: CMC's 100 ImageNet-1k classes (github.com/HobbitLong/CMC, issue 21).
 IMAGENET100_CLASSES = tuple("""
@@ -83,8 +83,7 @@ def _check_split(builder, name: str, split: str) -> None:
   for part in split.split("+"):
     base = part.split("[")[0].strip()
     if base not in known:
-      raise DatasetUnavailableError(f"dataset: {name!r} has no split {base!r} (in {split!r}); its splits are "
-                                    f"{', '.join(sorted(known))}.{config_lib.did_you_mean(base, known)}")
+      raise unknown_split_error(repr(name), base, split, known)
 
 
 def check_split(name: str, split: str, data_dir: Optional[str], download: bool = False) -> None:
