@@ -148,6 +148,40 @@ def test_sampled_parameters_follow_the_reference_distributions():
     assert sorted(row) == [0, 1, 2, 3]
 
 
+# Beyond the defaults too: amounts over 1, where torchvision's ColorJitter clamps
+# the factor's lower bound at 0 (its _check_input), and other probabilities.
+_STRONG = dataclasses.replace(CFG, brightness=1.5, contrast=0.9, saturation=2.0, hue=0.5, flip_prob=0.3,
+                              jitter_prob=0.6, grayscale_prob=0.4, blur_prob=0.7, blur_sigma=(0.5, 3.0))
+
+
+@pytest.mark.parametrize("cfg", [CFG, _STRONG], ids=["release", "strong"])
+@pytest.mark.parametrize("backend", ["tf", "jax"])
+def test_sampled_parameters_match_torchvisions_closed_forms(backend, cfg):
+  # Independent truth, not one backend against the other: torchvision's
+  # ColorJitter draws each factor from U[max(0, 1 - a), 1 + a] and the hue
+  # shift from U[-h, h]; GaussianBlur's sigma from U[lo, hi]; each op fires
+  # with its probability (4-sigma bounds at n = 4000).
+  n = 4000
+  if backend == "jax":
+    p = jax.device_get(augment_jax.sample_params(jax.random.PRNGKey(3), n, 32, 32, cfg))
+  else:
+    p = {k: v.numpy() for k, v in augment.sample_params(tf.constant([3, 4], tf.int64), n, 32, 32, cfg).items()}
+  for key, prob in (("flip", cfg.flip_prob), ("jitter", cfg.jitter_prob), ("grayscale", cfg.grayscale_prob),
+                    ("blur", cfg.blur_prob)):
+    assert abs(p[key].mean() - prob) < 4 * math.sqrt(prob * (1 - prob) / n), key
+  ranges = {name: (max(0.0, 1.0 - getattr(cfg, name)), 1.0 + getattr(cfg, name))
+            for name in ("brightness", "contrast", "saturation")}
+  ranges["hue"], ranges["blur_sigma"] = (-cfg.hue, cfg.hue), cfg.blur_sigma
+  for key, (lo, hi) in ranges.items():
+    x = np.asarray(p[key], np.float64)
+    assert lo <= x.min() < lo + 0.01 * (hi - lo) and hi - 0.01 * (hi - lo) < x.max() <= hi, key
+    assert abs(x.mean() - (lo + hi) / 2) < 4 * (hi - lo) / math.sqrt(12 * n), key
+    assert abs(x.std() - (hi - lo) / math.sqrt(12)) < 0.02 * (hi - lo), key
+  # The jitter order: a uniform permutation, so each op leads a quarter of the time.
+  first = np.bincount(np.asarray(p["jitter_order"])[:, 0], minlength=4) / n
+  assert np.abs(first - 0.25).max() < 4 * math.sqrt(0.25 * 0.75 / n)
+
+
 def _torchvision_crop_boxes(rng, num, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
   """[num, 4] (i, j, h, w): torchvision's RandomResizedCrop.get_params, line for line, in NumPy."""
   boxes = []
@@ -220,11 +254,41 @@ def test_device_views_share_parameters_within_chunks_and_repeat_per_key():
   # The views are made in one interleaved apply; each must be what applying
   # its own parameters (view v drawn from fold_in(key, v)) to the batch gives.
   params = augment_jax.view_params(jax.random.PRNGKey(5), 8, 16, 16, CFG, num_chunks=2)
+  # view_params against its contract, drawn here: view v from fold_in(key, v), x1 and
+  # x2 one set per image, e1 and e2 one set per chunk repeated over its 4 images.
+  for v, sets in enumerate((8, 8, 2, 2)):
+    drawn = augment_jax.sample_params(jax.random.fold_in(jax.random.PRNGKey(5), v), sets, 16, 16, CFG)
+    for k in drawn:
+      np.testing.assert_array_equal(np.asarray(params[v][k]), np.repeat(np.asarray(drawn[k]), 8 // sets, axis=0),
+                                    err_msg=f"view {v} {k}")
   for v, name in enumerate(("x1", "x2", "e1", "e2")):
     alone = jax.jit(augment_jax.apply, static_argnums=2)(jnp.asarray(images), params[v], CFG)
     np.testing.assert_allclose(np.asarray(views[name]), np.asarray(alone), atol=1e-5, err_msg=name)
   assert set(augment_jax.pretraining_views(jnp.asarray(images), jax.random.PRNGKey(5), CFG, num_chunks=2,
                                            with_equivariance=False)) == {"x1", "x2"}
+
+
+def test_device_equivariance_views_can_skip_the_crop():
+  cfg = dataclasses.replace(CFG, equiv_crop=False)
+  params = augment_jax.view_params(jax.random.PRNGKey(2), 8, 16, 12, cfg, num_chunks=2)
+  for v in (2, 3):  # e1, e2: the whole image
+    np.testing.assert_array_equal(np.asarray(params[v]["crop"]), np.tile([0, 0, 16, 12], (8, 1)))
+  for v in (0, 1):  # x1, x2 keep RandomResizedCrop
+    assert (np.asarray(params[v]["crop"])[:, 2:] < [16, 12]).any(axis=1).mean() > 0.5
+
+
+def test_crop_flip_is_apply_without_the_photometric_ops():
+  # MoCo's lincls views (evaluate.lincls_probe): crop, flip and normalise only,
+  # whatever the parameters' colour draws, against the tf.data backend's apply
+  # with every photometric op switched off.
+  n = 16
+  params = jax.device_get(augment_jax.sample_params(jax.random.PRNGKey(4), n, 20, 20, CFG))
+  assert 0 < params["flip"].sum() < n and params["jitter"].any() and params["blur"].any()
+  plain = dict(params, jitter=np.zeros(n, bool), grayscale=np.zeros(n, bool), blur=np.zeros(n, bool))
+  images = _images(n, 20, seed=3)
+  want = augment.apply(tf.constant(images), {k: tf.constant(np.asarray(v)) for k, v in plain.items()}, CFG).numpy()
+  got = np.asarray(jax.jit(augment_jax.crop_flip, static_argnums=2)(jnp.asarray(images), params, CFG))
+  np.testing.assert_allclose(got, want, atol=2e-4)
 
 
 def test_device_chunks_can_share_augmentation_pairs_in_groups_of_the_sub_batch():
