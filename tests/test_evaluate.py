@@ -287,6 +287,40 @@ def test_augmented_probe_on_eight_devices_matches_a_plain_numpy_loop_and_moves_o
   assert probed["params"] is variables["params"]  # the encoder's weights are never trained
 
 
+def test_an_augmented_probe_batch_larger_than_the_split_is_cut_to_whole_batchnorm_groups():
+  # A small split and the default batch_size (512): one batch of the whole split a
+  # step, cut to the largest multiple of bn_groups (10 rows, groups of 4 -> 8; the 2
+  # left cannot be a group of their own and wait for the next epoch's permutation).
+  from jax.sharding import Mesh
+  from care_jax.augment_config import augment_config
+  config, model, variables = _smoke_model_and_variables(bn_groups=4)
+  assert model.backbone.bn_groups == 4
+  rng = np.random.default_rng(4)
+  images, labels = rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8), rng.integers(0, 3, 10)
+  common = dict(num_classes=3, aug=augment_config("fashion_mnist", 16), mesh=Mesh(np.asarray(jax.devices()), ("data",)),
+                epochs=2, learning_rate=1e-2, seed=1)
+  whole, whole_vars = evaluate.augmented_linear_probe(model, variables, images, labels, **common)
+  eight, eight_vars = evaluate.augmented_linear_probe(model, variables, images, labels, batch_size=8, **common)
+  for a, b in zip(jax.tree.leaves((whole, whole_vars)), jax.tree.leaves((eight, eight_vars))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert np.all(np.isfinite(np.asarray(whole["w"])))
+
+
+def test_probe_accuracy_is_brute_force_top1_and_top5():
+  rng = np.random.default_rng(3)
+  for classes in (10, 3):  # top-5 of 3 classes: every label
+    dim, n = 6, 200
+    classifier = {"w": rng.normal(size=(dim, classes)).astype(np.float32),
+                  "b": rng.normal(size=classes).astype(np.float32)}
+    x, y = rng.normal(size=(n, dim)).astype(np.float32), rng.integers(0, classes, n)
+    logits = x.astype(np.float64) @ classifier["w"] + classifier["b"]
+    rank_of_label = np.array([np.sum(row > row[label]) for row, label in zip(logits, y)])
+    got = evaluate.probe_accuracy(classifier, x, y, classes)
+    assert got["top1"] == pytest.approx(100 * np.mean(rank_of_label == 0))
+    assert got["top5"] == pytest.approx(100 * np.mean(rank_of_label < 5))
+    assert 0 < got["top1"] < got["top5"] <= 100
+
+
 def test_the_evaluator_scores_the_augmented_probe_under_the_statistics_it_left(tmp_path):
   # source_image_size=32, image_size=16 (STL-10's 96 -> 32): the probe trains on crops
   # of the 32x32 originals and tests on the split resized to 16.
