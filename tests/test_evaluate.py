@@ -1,6 +1,7 @@
 """Evaluators and writers against independent truth."""
 
 import json
+import time
 
 import jax
 import numpy as np
@@ -183,16 +184,21 @@ def test_tensorboard_events_are_read_back_by_tensorflow(tmp_path):
   writer = metric_writers.MetricWriter(tmp_path, total_steps=10)
   writer.write(3, {"loss": 1.25, "images_per_sec": 300.0, "finite": True})
   writer.write(7, {"loss": 0.5, "images_per_sec": 310.0, "finite": True})
+  # Steps past one varint byte (128) and past 32 bits; a tag past 127 bytes.
+  long_tag = "eval/" + "x" * 150
+  writer.write(300, {"loss": 0.25})
+  writer.write(2 ** 33 + 5, {long_tag: 2.0})
   writer.close()
   (path,) = tmp_path.glob("events.out.tfevents.*")
   events = [event_pb2.Event.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
   assert events[0].file_version == "brain.Event:2"
+  assert all(abs(e.wall_time - time.time()) < 600 for e in events)  # the write's clock, in seconds
   scalars = {(e.step, v.tag): v.simple_value for e in events[1:] for v in e.summary.value}
   assert scalars == {(3, "loss"): 1.25, (3, "images_per_sec"): 300.0, (7, "loss"): 0.5,
-                     (7, "images_per_sec"): 310.0}
+                     (7, "images_per_sec"): 310.0, (300, "loss"): 0.25, (2 ** 33 + 5, long_tag): 2.0}
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert rows == [{"step": 3, "loss": 1.25, "images_per_sec": 300.0, "finite": True},
-                  {"step": 7, "loss": 0.5, "images_per_sec": 310.0, "finite": True}]
+  assert rows[:2] == [{"step": 3, "loss": 1.25, "images_per_sec": 300.0, "finite": True},
+                      {"step": 7, "loss": 0.5, "images_per_sec": 310.0, "finite": True}]
   writer.truncate_after(5)
   assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3]
 

@@ -78,11 +78,12 @@ def _losses(workdir) -> dict:
     ("--config.wahba_examples=1", "wahba_examples=1 must be a number >= 2 (Wahba, gamma_f and Corollary 1 compare"),
     ("--config.momentum=1.0", "momentum=1.0 must be in [0, 1); set --config.momentum=0.9"),
     # Read before training, not after it (the evaluation splits once failed at the end).
-    ("--config.test_split=validation", "fashion_mnist split must be 'train' or 'test'"),
+    pytest.param("--config.test_split=validation", "fashion_mnist split must be 'train' or 'test'",
+                 marks=needs_fashion_mnist),
     # A split smaller than one batch gave short batches and an error deep in the loss.
-    ("--config.train_split=train[:24]", "train_split='train[:24]' of fashion_mnist holds 24 examples, fewer than "
-                                        "one batch (batch_size=32); use a larger --config.train_split or a "
-                                        "--config.batch_size of at most 24"),
+    pytest.param("--config.train_split=train[:24]", "train_split='train[:24]' of fashion_mnist holds 24 examples, "
+                 "fewer than one batch (batch_size=32); use a larger --config.train_split or a --config.batch_size "
+                 "of at most 24", marks=needs_fashion_mnist),
 ])
 def test_bad_config_is_one_line_and_nonzero(tmp_path, override, expected):
   started = time.perf_counter()
@@ -128,6 +129,34 @@ def test_unknown_preset_is_one_line_with_the_closest_preset(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       "error: configs/quickstart.py: unknown preset 'smok'; use :smoke, :moco, :moco_care, :hyperboloid, "
       ":symplectic or none. Did you mean \"smoke\"?")
+
+
+def test_missing_flags_stray_arguments_and_broken_config_files_are_one_line_each(tmp_path):
+  # main.py's own refusals, before jax is imported: each one stderr line, status 2,
+  # no workdir made. A config file that raises says its own error; one that is
+  # missing or does not parse says which file.
+  raises = tmp_path / "raises.py"
+  raises.write_text("def get_config():\n  raise ValueError('data_root is not set; pass --config.data_root')\n")
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  work = f"--workdir={tmp_path / 'run'}"
+  cases = [
+      ((SMOKE, work, "runs/other"), "error: unexpected arguments ['runs/other']; use --config=..., --workdir=... "
+                                    "and --config.<field>=<value>"),
+      ((SMOKE,), "error: --config and --workdir are required, e.g. --config=configs/quickstart.py "
+                 "--workdir=runs/quickstart"),
+      ((work,), "error: --config and --workdir are required"),
+      ((f"--config={raises}", work), "error: data_root is not set; pass --config.data_root"),
+      # Python's own words for the syntax error vary by version; the file's name does not.
+      ((f"--config={tmp_path / 'broken.py'}", work), "error: "),
+      ((f"--config={tmp_path / 'absent.py'}", work), f"error: --config: could not load '{tmp_path / 'absent.py'}'"),
+  ]
+  for args, want in cases:
+    result = _main(*args, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+    assert lines[-1].startswith(want), (args, lines[-1])
+    assert "broken.py" in lines[-1] or "broken.py" not in args[0], lines[-1]
+  assert not (tmp_path / "run").exists()
 
 
 def test_unwritable_workdir_is_one_line(tmp_path):
