@@ -158,6 +158,77 @@ def test_wahba_trial_of_an_exact_rotation_is_zero_and_of_noise_is_not():
   assert summary["linear_fit_error"] == pytest.approx((exact["linear_fit_error"] + noisy["linear_fit_error"]) / 2)
 
 
+def test_linear_fit_error_is_the_residual_off_the_span_over_the_augmented_norm():
+  # Closed form: z_aug = z A^T + E with E orthogonal to z's columns, so least
+  # squares recovers A and leaves E: linear_fit_error = ||E||_F / ||z_aug||_F.
+  # Rows not on the unit sphere, so ||z|| and ||z_aug|| differ.
+  rng = np.random.default_rng(8)
+  z = 3.0 * rng.normal(size=(50, 6))
+  e = rng.normal(size=(50, 6))
+  e -= z @ np.linalg.lstsq(z, e, rcond=None)[0]
+  z_aug = z @ (0.5 * rng.normal(size=(6, 6))).T + e
+  got = evaluate.wahba_trial(z, z_aug)
+  assert got["linear_fit_error"] == pytest.approx(np.linalg.norm(e) / np.linalg.norm(z_aug), rel=1e-6)
+
+
+def test_the_form_is_judged_on_the_span_the_embeddings_fill():
+  # Embeddings in a 4-dimensional subspace of R^6 (a trained encoder's rank
+  # deficiency), moved by a Lorentz boost that keeps the subspace: on the span the
+  # map is in the group. Off it least squares fits the float noise, and judging the
+  # whole 6 x 6 map would report a large form error.
+  from tests.test_losses import _lorentz_boost
+  rng = np.random.default_rng(9)
+  boost = _lorentz_boost(6, rapidity=0.5)  # mixes coordinates 0 and 1 only
+  z = np.zeros((64, 6))
+  z[:, :4] = rng.normal(size=(64, 4))
+  z += 1e-9 * rng.normal(size=z.shape)  # the off-span directions: noise
+  z_aug = z @ boost.T
+  z_aug[:, 4:] = 1e-9 * rng.normal(size=(64, 2))  # unrelated noise there
+  got = evaluate.wahba_trial(z, z_aug, "minkowski")
+  assert got["span_rank"] == 4
+  assert got["form_preservation_error"] < 1e-5 and got["linear_fit_error"] < 1e-6
+  whole = np.asarray(geometry.fit_linear_map(z, z_aug))
+  assert float(geometry.form_preservation_error(whole, np.asarray(evaluate.losses.bilinear_form("minkowski", 6)))) > 0.1
+
+
+def test_colour_transforms_are_the_single_ops_they_name():
+  # colour_sensitivity's transforms, through apply_augmentation (the chunked
+  # path, a partial last chunk), against each op written out in NumPy on a
+  # colourful image; the blur and the hue against augment_jax's own ops.
+  from care_jax import augment_jax
+  from care_jax.augment_config import augment_config
+  rng = np.random.default_rng(10)
+  images = (rng.integers(0, 256, (5, 16, 16, 3)) * rng.uniform(0.2, 1.0, (5, 1, 1, 3))).astype(np.uint8)
+  aug = augment_config("cifar10", 16)
+  mean, std = np.asarray(aug.mean), np.asarray(aug.std)
+  unnormalise = lambda v: v * std + mean
+  transforms = evaluate.colour_transforms(16, 16)
+  views = {name: unnormalise(evaluate.apply_augmentation(images, params, aug, chunk=4))
+           for group in transforms.values() for name, params in group.items()}
+  x = images / 255.0
+  identity = unnormalise(evaluate.apply_augmentation(images, evaluate.identity_augmentation(16, 16), aug, chunk=4))
+  np.testing.assert_allclose(identity, x, atol=1e-5)
+  np.testing.assert_allclose(views["flip"], x[:, :, ::-1], atol=1e-5)
+  grey = x @ np.array([0.299, 0.587, 0.114])
+  np.testing.assert_allclose(views["grayscale"], np.repeat(grey[..., None], 3, axis=-1), atol=1e-5)
+  # The centre half (rows and columns 4..11) resampled to 16 through its corner pixels
+  # (crop_and_resize, antialias off): output s reads 4 + s * 7 / 15, bilinearly.
+  at = 4 + np.arange(16) * 7 / 15
+  lo, frac = np.floor(at).astype(int), at - np.floor(at)
+  hi = np.minimum(lo + 1, 15)
+  rows = x[:, lo] * (1 - frac)[None, :, None, None] + x[:, hi] * frac[None, :, None, None]
+  centre = rows[:, :, lo] * (1 - frac)[None, None, :, None] + rows[:, :, hi] * frac[None, None, :, None]
+  np.testing.assert_allclose(views["crop-centre-half"], centre, atol=1e-5)
+  for name, delta in (("hue+0.1", 0.1), ("hue-0.1", -0.1)):
+    want = np.asarray(augment_jax._adjust_hue(x.astype(np.float32), np.full(5, delta, np.float32)))
+    np.testing.assert_allclose(views[name], want, atol=1e-5)
+    assert np.abs(views[name] - x).mean() > 0.02, name  # it did shift the hue
+  blur = augment_jax._blur_matrix(np.ones(5, np.float32), 16, aug.blur_kernel_size)
+  want = np.asarray(augment_jax._separable(x.astype(np.float32), blur, blur))
+  np.testing.assert_allclose(views["blur-sigma-1"], want, atol=1e-5)
+  assert np.abs(views["blur-sigma-1"] - x).mean() > 0.02
+
+
 def test_form_preservation_report_separates_the_groups():
   from tests.test_losses import _hyperboloid, _lorentz_boost, _symplectic_matrix
   rng = np.random.default_rng(4)

@@ -105,6 +105,13 @@ def test_form_preservation_error():
     assert geometry.form_preservation_error(r, j) < 1e-5
     assert geometry.form_preservation_error(r + 0.2 * rng.normal(size=(d, d)), j) > 1e-2
   assert geometry.form_preservation_error(_lorentz_boost(d), np.eye(d)) > 0.1
+  # Off the group, the value is the pulled-back form's distance: rows map as z -> R z,
+  # so <Rz, Rz'>_J = z^T (R^T J R) z' and R^T J R is compared with J (not R J R^T,
+  # which agrees on the group and differs off it).
+  r, j = np.random.default_rng(0).normal(size=(4, 4)), np.diag([-1.0, 1.0, 1.0, 1.0])
+  want = np.linalg.norm(r.T @ j @ r - j) / np.linalg.norm(j)
+  assert abs(np.linalg.norm(r @ j @ r.T - j) / np.linalg.norm(j) - want) > 0.5  # the case tells them apart
+  np.testing.assert_allclose(float(geometry.form_preservation_error(r, j)), want, rtol=1e-5)
 
 
 def test_fit_linear_map_recovers_a_boost():
